@@ -1,0 +1,1 @@
+"""Command-line entry points: hcached (the daemon) and hcachectl (its operator tool)."""

@@ -1,0 +1,240 @@
+"""AsyncHCacheClient: save and restore hidden states / K/V through hcached, zero copy over the shared arena."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hcache.client.errors import BadRequest
+from hcache.client.layout import TORCH_DTYPES, ContextInfo, rep_of, stream_bytes
+from hcache.client.shm import ArenaMap
+from hcache.client.transport import Transport
+from hcache.layout.chunks import CHUNK_TOKENS, chunk_image_size, chunk_range, segments
+from hcache.layout.geometry import Geometry, Rep
+from hcache.layout.paths import client_endpoint
+
+
+class AsyncHCacheClient:
+    """An asyncio client of hcached. Local (ipc) clients move data through the arena; tcp ones in frames."""
+
+    def __init__(self, transport: Transport, hello: dict, namespace: str) -> None:
+        self._t = transport
+        self.namespace = namespace
+        self.daemon = hello
+        self.local = transport.endpoint.startswith("ipc://")
+        self._arena = ArenaMap(hello["arena"], hello["arena_size"]) if self.local else None
+        self._budget = hello["arena_size"] // 4  # bytes one lease may pin: leaves room for others
+        self._info: dict[str, ContextInfo] = {}
+
+    @classmethod
+    async def connect(cls, socket: str | None = None, *, namespace: str = "default",
+                      timeout: float = 120.0, connect_timeout: float = 5.0) -> AsyncHCacheClient:
+        """Connect to hcached at `socket` (a path or tcp:// URL), else $HCACHE_SOCKET, else the default."""
+        transport = Transport(client_endpoint(socket), timeout)
+        try:
+            hello, _ = await transport.call("hello", timeout=connect_timeout, pid=os.getpid())
+            return cls(transport, hello, namespace)
+        except BaseException:
+            transport.close()
+            raise
+
+    async def close(self) -> None:
+        if self._arena is not None:
+            self._arena.close()
+        self._t.close()
+
+    async def __aenter__(self) -> AsyncHCacheClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, op: str, frames: list | None = None, **args: Any) -> tuple[dict, list]:
+        return await self._t.call(op, frames, **args)
+
+    # -- contexts ---------------------------------------------------------------------------------
+    async def open(self, ctx: str, *, model: str, geometry: Geometry,
+                   layers: dict[str, Sequence[int]] | None = None, create: bool = True) -> ContextInfo:
+        """Create (or open) a context saved by `model`; `layers` says which layers keep "hidden" and "kv"
+        (default: hidden for every layer). Opening with a different model or geometry is refused."""
+        spec = {k: list(v) for k, v in (layers or {"hidden": range(geometry.num_layers)}).items()}
+        reply, _ = await self._call("open", ns=self.namespace, ctx=ctx, model=model, geometry=geometry.to_dict(),
+                                    layers=spec, create=create)
+        return self._remember(reply)
+
+    def _remember(self, reply: dict) -> ContextInfo:
+        info = ContextInfo.from_reply(reply)
+        self._info[info.id] = info
+        return info
+
+    async def stat(self, ctx: str) -> ContextInfo:
+        reply, _ = await self._call("stat", ns=self.namespace, ctx=ctx)
+        return self._remember(reply)
+
+    async def _known(self, ctx: str) -> ContextInfo:
+        return self._info.get(ctx) or await self.stat(ctx)
+
+    async def list(self) -> list[ContextInfo]:
+        reply, _ = await self._call("list", ns=self.namespace)
+        return [ContextInfo.from_reply(r) for r in reply["contexts"]]
+
+    async def delete(self, ctx: str) -> None:
+        await self._call("delete", ns=self.namespace, ctx=ctx)
+        self._info.pop(ctx, None)
+
+    async def status(self) -> dict:
+        reply, _ = await self._call("status")
+        return reply
+
+    async def flush(self, ctx: str | None = None) -> None:
+        """Return once everything appended (to `ctx`, or to every context) is durable on disk."""
+        args = {"ns": self.namespace, "ctx": ctx} if ctx is not None else {}
+        await self._call("flush", **args)
+
+    # -- saving -----------------------------------------------------------------------------------
+    async def append(self, ctx: str, token_ids: Sequence[int] | torch.Tensor,
+                     data: dict[str, torch.Tensor]) -> int:
+        """Append tokens to a context with each stored layer's data for them: data["hidden"] is
+        [hidden layers, T, hidden_size], data["kv"] is [kv layers, T, 2, n_kv_heads, head_dim], in the
+        context's dtype and layer order. Returns the context's length. Not durable until flush()."""
+        info = await self._known(ctx)
+        ids = torch.as_tensor(token_ids).reshape(-1)
+        n = ids.numel()
+        if n == 0:
+            raise BadRequest("append needs at least one token")
+        if ids.dtype.is_floating_point or ids.min() < 0 or ids.max() >= 2**31:
+            raise BadRequest("token_ids must be non-negative integers below 2**31")
+        expected = {name for name, layers in info.layers.items() if layers}
+        if set(data) != expected:
+            raise BadRequest(f"context {ctx!r} stores {sorted(expected)}; append got {sorted(data)}")
+        per_stream: list[torch.Tensor] = []
+        for name in ("hidden", "kv"):
+            if name in data:
+                rep = rep_of(name)
+                per_stream += list(stream_bytes(data[name], len(info.layers[name]), n, info.token_bytes(rep), name))
+        per_stream.append(ids.to(torch.int32).view(torch.uint8).reshape(n, 4))
+        step = self._tokens_per_lease(info)
+        for start in range(0, n, step):
+            await self._append_piece(ctx, [s[start : start + step] for s in per_stream])
+        return self._info[ctx].n_tokens
+
+    def _tokens_per_lease(self, info: ContextInfo) -> int:
+        per_chunk = sum(chunk_image_size(info.token_bytes(rep)) for _, rep in info.streams)
+        chunks = max(1, self._budget // per_chunk - 1)  # a piece may straddle one chunk boundary more
+        return chunks * CHUNK_TOKENS
+
+    async def _append_piece(self, ctx: str, pieces: list[torch.Tensor]) -> None:
+        n = pieces[0].shape[0]
+        if not self.local:
+            frames = [memoryview(p.contiguous().numpy()).cast("B") for p in pieces]
+            reply, _ = await self._call("append", frames, ns=self.namespace, ctx=ctx, n=n, inline=True)
+        else:
+            lease, _ = await self._call("append", ns=self.namespace, ctx=ctx, n=n)
+            try:
+                self._scatter(lease, pieces)
+            except BaseException:
+                await self._call("abort", lease=lease["lease"])
+                raise
+            reply, _ = await self._call("commit", lease=lease["lease"])
+        self._info[ctx] = dataclasses.replace(self._info[ctx], n_tokens=reply["n_tokens"])
+
+    def _scatter(self, lease: dict, pieces: list[torch.Tensor]) -> None:
+        arena = self._arena.bytes
+        start, end = lease["start"], lease["end"]
+        per_stream = len(chunk_range(start, end))
+        offsets = lease["offsets"]
+        segs = segments(start, end)
+        for k, src in enumerate(pieces):
+            tb = src.shape[1]
+            t = 0
+            for pos, first, count in segs:
+                dst = offsets[k * per_stream + pos] + first * tb
+                arena[dst : dst + count * tb].view(count, tb).copy_(src[t : t + count])
+                t += count
+
+    # -- restoring --------------------------------------------------------------------------------
+    async def restore(self, ctx: str, rep: str, layers: Sequence[int] | None = None, start: int = 0,
+                      end: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read layers × tokens [start, end) of one representation into `out` (allocated when None):
+        [layers, T, hidden_size] for "hidden", [layers, T, 2, n_kv_heads, head_dim] for "kv"."""
+        info = await self._known(ctx)
+        r = rep_of(rep)
+        layers = list(info.layers.get(rep, [])) if layers is None else list(layers)
+        missing = [layer for layer in layers if layer not in info.layers.get(rep, [])]
+        if missing:
+            raise BadRequest(f"context {ctx!r} does not store {rep} for layers {missing}; it stores {info.layers}")
+        info = await self.stat(ctx) if end is None or end > info.n_tokens else info
+        end = info.n_tokens if end is None else end
+        shape = (len(layers), end - start, *info.item_shape(r))
+        if out is None:
+            out = torch.empty(shape, dtype=TORCH_DTYPES[info.geometry.dtype])
+        elif tuple(out.shape) != shape or not out.is_contiguous() or out.device.type != "cpu":
+            raise BadRequest(f"out must be a contiguous CPU tensor of shape {list(shape)}, got {list(out.shape)}")
+        dst = out.view(torch.uint8).view(len(layers), end - start, info.token_bytes(r))
+        await self._read_into(ctx, [(layer, r) for layer in layers], start, end, dst)
+        return out
+
+    async def tokens(self, ctx: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The context's token ids [start, end) as a LongTensor."""
+        info = await self.stat(ctx)
+        end = info.n_tokens if end is None else end
+        dst = torch.empty((1, end - start, 4), dtype=torch.uint8)
+        await self._read_into(ctx, [(info.geometry.num_layers, Rep.TOKENS)], start, end, dst)
+        return dst.view(torch.int32).reshape(-1).to(torch.int64)
+
+    async def _read_into(self, ctx: str, streams: list[tuple[int, Rep]], start: int, end: int,
+                         dst: torch.Tensor) -> None:
+        """Read in groups of layers that fit the lease budget; the next group's read is in flight while
+        this one is copied out."""
+        if end <= start or not streams:
+            return
+        image = chunk_image_size(dst.shape[2])
+        chunks_per_stream = max(1, self._budget // image)  # a window one stream's lease can hold
+        window = max(CHUNK_TOKENS, (chunks_per_stream - 1) * CHUNK_TOKENS)
+        items = []  # (first stream, last stream + 1, token start, token end): one read lease each
+        for t0 in range(start, end, window):
+            t1 = min(end, (t0 // CHUNK_TOKENS) * CHUNK_TOKENS + window)
+            per_group = max(1, self._budget // (image * len(chunk_range(t0, t1))))
+            items += [(g, min(g + per_group, len(streams)), t0, t1) for g in range(0, len(streams), per_group)]
+        releases: list[asyncio.Task] = []
+
+        def request(item: tuple[int, int, int, int]) -> asyncio.Future:
+            g0, g1, t0, t1 = item
+            return asyncio.ensure_future(self._call(
+                "read", ns=self.namespace, ctx=ctx, streams=[[layer, int(rep)] for layer, rep in streams[g0:g1]],
+                start=t0, end=t1, inline=not self.local))
+
+        nxt = request(items[0])
+        try:
+            for i, (g0, g1, t0, t1) in enumerate(items):
+                reply, frames = await nxt
+                if i + 1 < len(items):
+                    nxt = request(items[i + 1])
+                part = dst[g0:g1, t0 - start : t1 - start]
+                if self.local:
+                    self._gather(reply["offsets"], t0, t1, part)
+                    releases.append(asyncio.ensure_future(self._call("release", lease=reply["lease"])))
+                else:
+                    for k, frame in enumerate(frames):
+                        part[k].copy_(torch.frombuffer(frame.buffer, dtype=torch.uint8).view(t1 - t0, -1))
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+            await asyncio.gather(*releases)
+
+    def _gather(self, offsets: list[int], start: int, end: int, dst: torch.Tensor) -> None:
+        arena = self._arena.bytes
+        tb = dst.shape[2]
+        per_stream = len(chunk_range(start, end))
+        segs = segments(start, end)
+        for k in range(dst.shape[0]):
+            t = 0
+            for pos, first, count in segs:
+                src = offsets[k * per_stream + pos] + first * tb
+                dst[k, t : t + count].copy_(arena[src : src + count * tb].view(count, tb))
+                t += count

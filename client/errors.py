@@ -1,0 +1,62 @@
+"""The client's exceptions: one HCacheError subclass per daemon error code, each saying what to do."""
+
+from hcache.layout import wire
+
+
+class HCacheError(Exception):
+    """Base of every error hcache raises to a caller."""
+
+    code = "error"
+
+
+class DaemonUnreachable(HCacheError):
+    code = "unreachable"
+
+
+class BadRequest(HCacheError):
+    code = wire.BAD_REQUEST
+
+
+class UnknownContext(HCacheError, KeyError):
+    code = wire.UNKNOWN_CONTEXT
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelMismatch(HCacheError):
+    code = wire.MODEL_MISMATCH
+
+
+class LeaseError(HCacheError):
+    code = wire.BAD_LEASE
+
+
+class Busy(HCacheError):
+    code = wire.BUSY
+
+
+class OverCapacity(HCacheError):
+    code = wire.OVER_CAPACITY
+
+
+class CorruptChunk(HCacheError):
+    code = wire.CORRUPT
+
+
+class StorageIOError(HCacheError):
+    code = wire.IO_ERROR
+
+
+class DaemonInternalError(HCacheError):
+    code = wire.INTERNAL
+
+
+_BY_CODE = {cls.code: cls for cls in (BadRequest, UnknownContext, ModelMismatch, LeaseError, Busy, OverCapacity,
+                                      CorruptChunk, StorageIOError, DaemonInternalError)}
+
+
+def from_reply(reply: dict) -> HCacheError:
+    """The exception an error reply stands for."""
+    cls = _BY_CODE.get(reply.get("error"), HCacheError)
+    return cls(str(reply.get("message", "hcached refused the request without saying why")))

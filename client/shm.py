@@ -1,0 +1,25 @@
+"""The client's view of the daemon's shared-memory arena, as one uint8 tensor (zero copy)."""
+
+import mmap
+import os
+
+import torch
+
+
+class ArenaMap:
+    """Maps the arena file the daemon named in its hello reply."""
+
+    def __init__(self, path: str, size: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def close(self) -> None:
+        del self.bytes
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a caller still holds a zero-copy view; the mapping goes when it does

@@ -1,0 +1,85 @@
+"""HCacheClient: the blocking client, running an AsyncHCacheClient on a private event-loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from hcache.client.aio import AsyncHCacheClient
+from hcache.client.layout import ContextInfo
+from hcache.layout.geometry import Geometry
+
+T = TypeVar("T")
+
+
+class HCacheClient:
+    """Blocking client of hcached; with no arguments it connects to $HCACHE_SOCKET or the default socket."""
+
+    def __init__(self, socket: str | None = None, *, namespace: str = "default", timeout: float = 120.0,
+                 connect_timeout: float = 5.0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="hcache-client", daemon=True)
+        self._thread.start()
+        try:
+            self._aio: AsyncHCacheClient = self._run(AsyncHCacheClient.connect(
+                socket, namespace=namespace, timeout=timeout, connect_timeout=connect_timeout))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    @property
+    def daemon(self) -> dict:
+        return self._aio.daemon
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._aio.close())
+        self._stop_loop()
+
+    def __enter__(self) -> HCacheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self, ctx: str, *, model: str, geometry: Geometry, layers: dict[str, Sequence[int]] | None = None,
+             create: bool = True) -> ContextInfo:
+        return self._run(self._aio.open(ctx, model=model, geometry=geometry, layers=layers, create=create))
+
+    def append(self, ctx: str, token_ids: Sequence[int] | torch.Tensor, data: dict[str, torch.Tensor]) -> int:
+        return self._run(self._aio.append(ctx, token_ids, data))
+
+    def flush(self, ctx: str | None = None) -> None:
+        self._run(self._aio.flush(ctx))
+
+    def restore(self, ctx: str, rep: str, layers: Sequence[int] | None = None, start: int = 0,
+                end: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(self._aio.restore(ctx, rep, layers, start, end, out))
+
+    def tokens(self, ctx: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        return self._run(self._aio.tokens(ctx, start, end))
+
+    def stat(self, ctx: str) -> ContextInfo:
+        return self._run(self._aio.stat(ctx))
+
+    def list(self) -> list[ContextInfo]:
+        return self._run(self._aio.list())
+
+    def delete(self, ctx: str) -> None:
+        self._run(self._aio.delete(ctx))
+
+    def status(self) -> dict:
+        return self._run(self._aio.status())

@@ -1,0 +1,91 @@
+"""One DEALER connection to hcached: calls matched to replies by call id, one reader task, typed errors."""
+
+import asyncio
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from hcache.client.errors import DaemonUnreachable, HCacheError, from_reply
+from hcache.layout import wire
+
+_HWM = 1024
+
+
+@dataclass
+class _Resources:
+    """Sockets and tasks, released by weakref.finalize even if the client is never closed."""
+
+    zctx: zmq.asyncio.Context
+    sock: zmq.asyncio.Socket
+    reader: asyncio.Task | None = None
+    pending: dict[int, asyncio.Future] = field(default_factory=dict)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(HCacheError("the client was closed while this call was waiting"))
+        self.sock.close(linger=0)
+        self.zctx.term()
+
+
+class Transport:
+    """Sends requests and awaits their replies; several calls may be in flight at once."""
+
+    def __init__(self, endpoint: str, timeout: float) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        zctx = zmq.asyncio.Context()
+        sock = zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.SNDHWM, _HWM)
+        sock.setsockopt(zmq.RCVHWM, _HWM)
+        sock.setsockopt(zmq.LINGER, 0)
+        self._res = _Resources(zctx, sock)
+        self._finalizer = weakref.finalize(self, self._res.close)
+        self._ids = itertools.count(1)
+        sock.connect(endpoint)
+        self._res.reader = asyncio.get_running_loop().create_task(_read_replies(self._res))
+
+    def unreachable(self, what: str, timeout: float) -> DaemonUnreachable:
+        return DaemonUnreachable(
+            f"hcached did not answer {what} at {self.endpoint} within {timeout:g}s: start hcached, or point "
+            "HCACHE_SOCKET (or socket=...) at the socket it listens on")
+
+    async def call(self, op: str, frames: list[Any] | None = None, timeout: float | None = None,
+                   **args: Any) -> tuple[dict, list[zmq.Frame]]:
+        """Send one request; returns the reply header and its payload frames, or raises its error."""
+        call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._res.pending[call_id] = fut
+        try:
+            header = wire.encode({"v": wire.PROTOCOL_VERSION, "op": op, "id": call_id, **args})
+            await self._res.sock.send_multipart([header, *(frames or [])], copy=not frames)
+            try:
+                reply, payload = await asyncio.wait_for(fut, timeout or self.timeout)
+            except TimeoutError:
+                raise self.unreachable(f"{op!r}", timeout or self.timeout) from None
+        finally:
+            self._res.pending.pop(call_id, None)
+        if not reply.get("ok"):
+            raise from_reply(reply)
+        return reply, payload
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+async def _read_replies(res: _Resources) -> None:
+    while True:
+        frames = await res.sock.recv_multipart(copy=False)
+        try:
+            reply = wire.decode(frames[0].buffer)
+        except wire.WireError:
+            continue  # not ours to answer; a daemon never sends this
+        fut = res.pending.get(reply.get("id"))
+        if fut is not None and not fut.done():
+            fut.set_result((reply, frames[1:]))

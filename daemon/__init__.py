@@ -1,0 +1,1 @@
+"""hcached: the per-host daemon that owns hcache's bytes (no torch here: it only moves bytes)."""

@@ -1,0 +1,251 @@
+"""The ZeroMQ ROUTER front of hcached: decodes requests, runs each op as a task, always replies."""
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from hcache import __version__
+from hcache.daemon.contexts import Context
+from hcache.daemon.leases import Lease
+from hcache.daemon.store import Store
+from hcache.layout import wire
+from hcache.layout.chunks import HEADER_SIZE, chunk_range, segments
+from hcache.layout.geometry import Geometry
+from hcache.layout.paths import endpoint_for
+from hcache.layout.wire import BAD_REQUEST, INTERNAL, WireError, get, get_count
+
+log = logging.getLogger("hcache.daemon.server")
+
+Reply = tuple[dict[str, Any], list[Any]]
+_HWM = 1024
+
+
+class Server:
+    """Serves the wire protocol on the ipc socket (and tcp when configured) for one Store."""
+
+    def __init__(self, store: Store, socket_path: str, tcp: str) -> None:
+        self.store = store
+        self.socket_path = socket_path
+        self.tcp = tcp
+        self.zctx = zmq.asyncio.Context()
+        self.sock = self.zctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, _HWM)
+        self.sock.setsockopt(zmq.RCVHWM, _HWM)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self._tasks: set[asyncio.Task] = set()
+        self._peer_pids: dict[bytes, int] = {}  # local clients say their pid in hello
+        self._ops: dict[str, Callable[[bytes, dict, list], Awaitable[Reply]]] = {
+            name: getattr(self, f"op_{name}") for name in wire.OPS}
+
+    def bind(self) -> None:
+        endpoint = endpoint_for(self.socket_path)
+        if endpoint.startswith("ipc://"):
+            path = endpoint[len("ipc://"):]
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            old = os.umask(0o117)  # the socket is created 0660: owner and group only
+            try:
+                self.sock.bind(endpoint)
+            finally:
+                os.umask(old)
+        else:
+            self.sock.bind(endpoint)
+        if self.tcp:
+            self.sock.bind(f"tcp://{self.tcp}")
+        log.info("listening on %s%s", endpoint, f" and tcp://{self.tcp}" if self.tcp else "")
+
+    async def serve(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            task = asyncio.get_running_loop().create_task(self._handle(frames))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _peer_gone(self, peer: bytes) -> None:
+        leases = self.store.leases.pop_owner(peer)
+        if leases:
+            log.info("client went away holding %d leases: released", len(leases))
+            self.store.drop_leases(leases)
+
+    async def _handle(self, frames: list[zmq.Frame]) -> None:
+        peer = frames[0].bytes
+        envelope = [peer]
+        body = frames[1:]
+        if len(body) > 1 and len(body[0]) == 0:  # a REQ client's delimiter
+            envelope.append(b"")
+            body = body[1:]
+        call_id = None
+        try:
+            if not body:
+                raise WireError(BAD_REQUEST, "empty request: send a msgpack header frame")
+            header = wire.decode(body[0].buffer)
+            call_id = header.get("id")
+            if header.get("v") != wire.PROTOCOL_VERSION:
+                raise WireError(BAD_REQUEST, f"protocol version {header.get('v')!r} is not supported; this "
+                                             f"daemon speaks {wire.PROTOCOL_VERSION}: upgrade the client")
+            op = get(header, "op", str)
+            handler = self._ops.get(op)
+            if handler is None:
+                raise WireError(BAD_REQUEST, f"unknown op {op!r}: use one of {sorted(wire.OPS)}")
+            reply, payload = await handler(peer, header, [f.buffer for f in body[1:]])
+            reply["ok"] = True
+        except WireError as e:
+            reply, payload = {"ok": False, "error": e.code, "message": e.message}, []
+        except Exception as e:
+            log.exception("request failed")
+            reply, payload = {"ok": False, "error": INTERNAL, "message": f"internal error: {e!r}"}, []
+        reply["v"] = wire.PROTOCOL_VERSION
+        reply["id"] = call_id if isinstance(call_id, int) else None
+        try:
+            await self.sock.send_multipart([*envelope, wire.encode(reply), *payload], copy=len(payload) == 0)
+        except zmq.ZMQError as e:
+            log.info("could not reply to a client (%s): it went away", e)
+            self._peer_gone(peer)
+
+    # -- ops --------------------------------------------------------------------------------------
+    def _ctx(self, h: dict) -> Context:
+        return self.store.get(get(h, "ns", str, "default"), get(h, "ctx", str))
+
+    async def op_hello(self, peer: bytes, h: dict, frames: list) -> Reply:
+        s = self.store
+        pid = get(h, "pid", int, 0)
+        if pid > 0:
+            self._peer_pids[peer] = pid
+        return {"version": wire.PROTOCOL_VERSION, "daemon": __version__, "pid": os.getpid(),
+                "arena": str(s.arena.path), "arena_size": s.arena.size, "engine": s.engine.name}, []
+
+    async def op_open(self, peer: bytes, h: dict, frames: list) -> Reply:
+        try:
+            geometry = Geometry.from_dict(get(h, "geometry", dict))
+        except (ValueError, TypeError) as e:
+            raise WireError(BAD_REQUEST, f"bad geometry: {e}") from None
+        ctx = await self.store.open(get(h, "ns", str, "default"), get(h, "ctx", str), get(h, "model", str),
+                                    geometry, h.get("layers", {"hidden": list(range(geometry.num_layers))}),
+                                    get(h, "create", bool, True))
+        return ctx.info(), []
+
+    async def op_append(self, peer: bytes, h: dict, frames: list) -> Reply:
+        ctx = self._ctx(h)
+        n = get_count(h, "n")
+        inline = get(h, "inline", bool, False)
+        if inline:
+            sizes = [s.token_bytes * n for s in ctx.streams]
+            if [len(f) for f in frames] != sizes:
+                raise WireError(BAD_REQUEST, f"inline append of {n} tokens needs {len(sizes)} payload frames of "
+                                             f"{sizes} bytes (one per stream), got {[len(f) for f in frames]}")
+        elif frames:
+            raise WireError(BAD_REQUEST, "payload frames are only accepted with inline=True")
+        lease = await self.store.append_lease(peer, ctx, n)
+        if not inline:
+            return {"lease": lease.id, "start": lease.start, "end": lease.end,
+                    "offsets": self.store.payload_offsets(lease)}, []
+        self._scatter(lease, frames)
+        ctx = self.store.commit(peer, lease.id)
+        return {"n_tokens": ctx.n_tokens}, []
+
+    def _scatter(self, lease: Lease, frames: list) -> None:
+        view = self.store.arena.view
+        pieces = segments(lease.start, lease.end)
+        per_stream = len(chunk_range(lease.start, lease.end))
+        for k, (stream, frame) in enumerate(zip(lease.ctx.streams, frames, strict=True)):
+            tb = stream.token_bytes
+            src = 0
+            for pos, first, count in pieces:
+                chunk = lease.chunks[k * per_stream + pos]
+                dst = chunk.arena_off + HEADER_SIZE + first * tb
+                view[dst : dst + count * tb] = frame[src : src + count * tb]
+                src += count * tb
+
+    async def op_commit(self, peer: bytes, h: dict, frames: list) -> Reply:
+        ctx = self.store.commit(peer, get(h, "lease", int))
+        return {"n_tokens": ctx.n_tokens}, []
+
+    async def op_abort(self, peer: bytes, h: dict, frames: list) -> Reply:
+        self.store.abort(self.store.leases.take(get(h, "lease", int), peer, "append"))
+        return {}, []
+
+    async def op_flush(self, peer: bytes, h: dict, frames: list) -> Reply:
+        contexts = [self._ctx(h)] if "ctx" in h else list(self.store.contexts.values())
+        await self.store.flush(contexts)
+        return {"durable": {f"{c.namespace}/{c.ctx_id}": c.durable for c in contexts}}, []
+
+    async def op_read(self, peer: bytes, h: dict, frames: list) -> Reply:
+        ctx = self._ctx(h)
+        start, end = get_count(h, "start"), get_count(h, "end")
+        lease = await self.store.read_lease(peer, ctx, get(h, "streams", list), start, end)
+        if not get(h, "inline", bool, False):
+            return {"lease": lease.id, "offsets": self.store.payload_offsets(lease)}, []
+        try:
+            return {}, self._gather(lease, len(h["streams"]))
+        finally:
+            self.store.release(peer, lease.id)
+
+    def _gather(self, lease: Lease, n_streams: int) -> list[bytes]:
+        view = self.store.arena.view
+        pieces = segments(lease.start, lease.end)
+        per_stream = len(chunk_range(lease.start, lease.end))
+        out = []
+        for k in range(n_streams):
+            tb = lease.chunks[k * per_stream].stream.token_bytes if per_stream else 0
+            buf = bytearray((lease.end - lease.start) * tb)
+            src = 0
+            for pos, first, count in pieces:
+                off = lease.chunks[k * per_stream + pos].arena_off + HEADER_SIZE + first * tb
+                buf[src : src + count * tb] = view[off : off + count * tb]
+                src += count * tb
+            out.append(buf)
+        return out
+
+    async def op_release(self, peer: bytes, h: dict, frames: list) -> Reply:
+        self.store.release(peer, get(h, "lease", int))
+        return {}, []
+
+    async def op_stat(self, peer: bytes, h: dict, frames: list) -> Reply:
+        return self._ctx(h).info(), []
+
+    async def op_list(self, peer: bytes, h: dict, frames: list) -> Reply:
+        ns = get(h, "ns", str, None)
+        return {"contexts": [c.info() for c in self.store.contexts.values() if ns in (None, c.namespace)]}, []
+
+    async def op_delete(self, peer: bytes, h: dict, frames: list) -> Reply:
+        await self.store.delete(self._ctx(h))
+        return {}, []
+
+    async def op_status(self, peer: bytes, h: dict, frames: list) -> Reply:
+        return {**self.store.status(), "pid": os.getpid(), "version": __version__,
+                "socket": self.socket_path, "tcp": self.tcp}, []
+
+    async def expire_leases(self) -> None:
+        """Take back leases not committed or released in time, and at once those of clients that exited."""
+        while True:
+            await asyncio.sleep(min(1.0, self.store.leases.timeout / 4))
+            for peer, pid in list(self._peer_pids.items()):
+                if not _alive(pid):
+                    del self._peer_pids[peer]
+                    self._peer_gone(peer)
+            gone = self.store.leases.pop_expired(time.monotonic())
+            if gone:
+                log.warning("%d leases expired unreleased: taken back", len(gone))
+                self.store.drop_leases(gone)
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        self.sock.close(linger=0)
+        self.zctx.term()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,234 @@
+"""The daemon's operations on contexts: open, append (lease, commit), read (lease, release), flush, delete."""
+
+import logging
+import time
+
+import msgpack
+
+from hcache.daemon.arena import Arena
+from hcache.daemon.cache import ChunkCache
+from hcache.daemon.config import Config
+from hcache.daemon.contexts import Chunk, Context, parse_layers
+from hcache.daemon.flusher import Flusher
+from hcache.daemon.index import ContextRow, Index
+from hcache.daemon.io_engine import IoEngine
+from hcache.daemon.leases import Lease, Leases
+from hcache.daemon.slabs import DataDir
+from hcache.layout.chunks import CHUNK_TOKENS, HEADER_SIZE, chunk_range
+from hcache.layout.geometry import Geometry
+from hcache.layout.keys import context_key
+from hcache.layout.wire import BAD_REQUEST, BUSY, IO_ERROR, MODEL_MISMATCH, OVER_CAPACITY, UNKNOWN_CONTEXT, WireError
+
+log = logging.getLogger("hcache.daemon.store")
+
+
+class Store:
+    """All contexts, their chunks in the arena and on disk, and the leases clients hold on them."""
+
+    def __init__(self, cfg: Config, arena: Arena, dirs: list[DataDir], index: Index, engine: IoEngine) -> None:
+        self.cfg = cfg
+        self.arena = arena
+        self.dirs = dirs
+        self.index = index
+        self.engine = engine
+        self.contexts: dict[bytes, Context] = {}
+        self.leases = Leases(cfg.lease_timeout)
+        self.cache = ChunkCache(arena, dirs, engine, backpressure_s=cfg.lease_timeout)
+        self.flusher = Flusher(self.cache, dirs, index, cfg.flush_batch, self._may_grow)
+        self.cache.on_pressure = lambda: self.flusher.add_all_dirty(list(self.contexts.values()))
+        self.bytes_saved = 0
+        self.bytes_restored = 0
+
+    def _may_grow(self, slab_size: int) -> bool:
+        allocated = sum(d.allocated_bytes for d in self.dirs)
+        return not self.cfg.capacity or allocated + slab_size <= self.cfg.capacity
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Rebuild the in-memory state from the index; chunks past a context's durable length are dropped."""
+        rows, chunks = self.index.load()
+        for row in rows:
+            meta = msgpack.unpackb(row.meta, raw=False)
+            ctx = Context(row.key, row.namespace, row.ctx_id, row.model, Geometry.from_dict(meta["geometry"]),
+                          meta["layers"], row.created, row.accessed, row.pinned, row.n_tokens, row.n_tokens)
+            self.contexts[row.key] = ctx
+        stale: set[bytes] = set()
+        for ch in chunks:
+            ctx = self.contexts.get(ch.ctx)
+            start = ch.idx * CHUNK_TOKENS
+            if ctx is None or start >= ctx.n_tokens:
+                stale.add(ch.ctx)
+                continue
+            self.dirs[ch.slot.dir].mark_used(ch.slot)
+            c = ctx.stream(ch.layer, ch.rep).chunk(ch.idx)
+            c.n_tokens = c.durable_tokens = min(ch.n_tokens, ctx.n_tokens - start)
+            c.disk = ch.slot
+        for key in stale:
+            ctx = self.contexts.get(key)
+            first = (ctx.n_tokens + CHUNK_TOKENS - 1) // CHUNK_TOKENS if ctx else 0
+            for ref in self.index.drop_chunks_from(key, first):
+                self.dirs[ref.dir].give_back(ref)
+        log.info("index loaded: %d contexts, %d chunks", len(self.contexts), len(chunks))
+
+    # -- contexts ---------------------------------------------------------------------------------
+    def get(self, namespace: str, ctx_id: str) -> Context:
+        ctx = self.contexts.get(context_key(namespace, ctx_id))
+        if ctx is None:
+            raise WireError(UNKNOWN_CONTEXT, f"no context {ctx_id!r} in namespace {namespace!r}: "
+                                             "open it with create=True first, or check 'hcachectl ls'")
+        return ctx
+
+    async def open(self, namespace: str, ctx_id: str, model: str, geometry: Geometry, layers: object,
+                   create: bool) -> Context:
+        key = context_key(namespace, ctx_id)
+        ctx = self.contexts.get(key)
+        if ctx is not None:
+            if ctx.model != model or ctx.geometry != geometry:
+                raise WireError(MODEL_MISMATCH, f"context {ctx_id!r} was saved by model {ctx.model!r} "
+                                                f"({ctx.geometry}); this is {model!r} ({geometry}): restore it "
+                                                "with the same model, or delete it")
+            return ctx
+        if not create:
+            return self.get(namespace, ctx_id)
+        parsed = parse_layers(layers, geometry)
+        now = time.time()
+        ctx = Context(key, namespace, ctx_id, model, geometry, parsed, now, now)
+        await self.index.add_context(ContextRow(key, namespace, ctx_id, model, ctx.packed_meta(), 0, now, now,
+                                                False))
+        self.contexts.setdefault(key, ctx)
+        return self.contexts[key]
+
+    async def delete(self, ctx: Context) -> None:
+        async with self.flusher.commit_lock:
+            if ctx.deleted:
+                return
+            ctx.deleted = True
+            self.contexts.pop(ctx.key, None)
+            freed = await self.index.delete_context(ctx.key)
+        for ref in freed:
+            self.dirs[ref.dir].give_back(ref)
+        for s in ctx.streams:
+            for c in s.chunks:
+                if not c.pins and not c.flushing:
+                    self.cache.drop(c)
+
+    # -- append -------------------------------------------------------------------------------------
+    async def append_lease(self, owner: bytes, ctx: Context, n: int) -> Lease:
+        if n <= 0:
+            raise WireError(BAD_REQUEST, f"append of {n} tokens: append at least one token")
+        if ctx.writer is not None:
+            raise WireError(BUSY, f"context {ctx.ctx_id!r} has an append in progress: commit or abort it first")
+        start, end = ctx.n_tokens, ctx.n_tokens + n
+        chunks = [s.chunk(i) for s in ctx.streams for i in chunk_range(start, end)]
+        need = sum(c.stream.image_size for c in chunks if c.arena_off is None)
+        if need > self.arena.size // 2:
+            raise WireError(OVER_CAPACITY, f"appending {n} tokens needs {need} bytes of arena, more than half of "
+                                           f"its {self.arena.size}: append fewer tokens per call or raise --dram")
+        ctx.writer = True  # reserved while chunks come in
+        try:
+            await self.cache.make_resident(chunks)
+        except BaseException:
+            ctx.writer = None
+            raise
+        lease = self.leases.add("append", owner, ctx, chunks, start, end)
+        ctx.writer = lease
+        return lease
+
+    def commit(self, owner: bytes, lease_id: int) -> Context:
+        lease = self.leases.take(lease_id, owner, "append")
+        ctx = lease.ctx
+        for c in lease.chunks:
+            c.n_tokens = max(c.n_tokens, min(CHUNK_TOKENS, lease.end - c.idx * CHUNK_TOKENS))
+            if c.n_tokens == CHUNK_TOKENS:
+                self.flusher.add(c)
+        ctx.n_tokens = lease.end
+        ctx.accessed = time.time()
+        ctx.writer = None
+        self.bytes_saved += sum(s.token_bytes for s in ctx.streams) * (lease.end - lease.start)
+        self.cache.unpin(lease.chunks)
+        return ctx
+
+    def abort(self, lease: Lease) -> None:
+        lease.ctx.writer = None
+        self.cache.unpin(lease.chunks)
+        for c in lease.chunks:
+            if c.n_tokens == 0 and c.evictable:
+                self.cache.drop(c)
+
+    # -- read -------------------------------------------------------------------------------------
+    async def read_lease(self, owner: bytes, ctx: Context, streams: list, start: int, end: int) -> Lease:
+        if not 0 <= start <= end <= ctx.n_tokens:
+            raise WireError(BAD_REQUEST, f"token range [{start}, {end}) is outside context {ctx.ctx_id!r}, which "
+                                         f"holds {ctx.n_tokens} tokens")
+        if not isinstance(streams, list) or not streams:
+            raise WireError(BAD_REQUEST, "streams must be a non-empty list of [layer, rep] pairs")
+        chunks: list[Chunk] = []
+        for item in streams:
+            if not (isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)):
+                raise WireError(BAD_REQUEST, "streams must be a list of [layer, rep] pairs")
+            s = ctx.stream(*item)
+            chunks += [s.chunk(i) for i in chunk_range(start, end)]
+            self.bytes_restored += s.token_bytes * (end - start)
+        need = sum(c.stream.image_size for c in chunks if c.arena_off is None)
+        if need > self.arena.size // 2:
+            raise WireError(OVER_CAPACITY, f"reading this range needs {need} bytes of arena, more than half of "
+                                           f"its {self.arena.size}: read fewer layers or tokens per call")
+        await self.cache.make_resident(chunks)
+        ctx.accessed = time.time()
+        return self.leases.add("read", owner, ctx, chunks, start, end)
+
+    def release(self, owner: bytes, lease_id: int) -> None:
+        self.cache.unpin(self.leases.take(lease_id, owner, "read").chunks)
+
+    def drop_leases(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            if lease.kind == "append":
+                self.abort(lease)
+            else:
+                self.cache.unpin(lease.chunks)
+
+    @staticmethod
+    def payload_offsets(lease: Lease) -> list[int]:
+        return [c.arena_off + HEADER_SIZE for c in lease.chunks]
+
+    # -- durability -------------------------------------------------------------------------------
+    async def flush(self, contexts: list[Context]) -> None:
+        """Return once every committed token of these contexts is durable (tails written padded)."""
+        targets = {ctx: ctx.n_tokens for ctx in contexts}
+        self.flusher.add_all_dirty(contexts)
+        async with self.cache.progress:
+            while True:
+                pending = [ctx for ctx, n in targets.items() if not ctx.deleted and ctx.durable < n]
+                if not pending:
+                    return
+                failed = [c.error for ctx in pending for s in ctx.streams for c in s.chunks
+                          if c.error and c.dirty and not c.flushing]
+                if failed:
+                    code = OVER_CAPACITY if "no data dir has room" in failed[0] else IO_ERROR
+                    raise WireError(code, f"flush failed: {failed[0]}")
+                await self.cache.progress.wait()
+
+    async def close(self) -> None:
+        """Clean stop: everything committed becomes durable."""
+        await self.flush(list(self.contexts.values()))
+        await self.flusher.stop()
+
+    def status(self) -> dict:
+        dirty = sum(c.stream.image_size for ctx in self.contexts.values() for s in ctx.streams for c in s.chunks
+                    if c.dirty)
+        return {
+            "engine": self.engine.name,
+            "arena": {"path": str(self.arena.path), "size": self.arena.size, "used": self.arena.used,
+                      "dirty": dirty},
+            "data_dirs": [
+                {"path": str(d.path), "direct_io": d.direct, "healthy": d.healthy, "error": d.error,
+                 "allocated": d.allocated_bytes, "used": d.used_bytes} for d in self.dirs],
+            "capacity": self.cfg.capacity,
+            "contexts": len(self.contexts),
+            "leases": len(self.leases),
+            "bytes_saved": self.bytes_saved,
+            "bytes_restored": self.bytes_restored,
+            "bytes_written": self.flusher.bytes_written,
+            "arena_hits": self.cache.hits,
+            "disk_reads": self.cache.misses,
+        }
