@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_proc import DaemonProcess
+from hcache.daemon.process import DaemonProcess
 
 
 @pytest.fixture(params=["io_uring", "threads"])

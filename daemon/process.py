@@ -1,4 +1,4 @@
-"""Runs the real hcached as a subprocess on temporary directories, for tests and benchmarks."""
+"""Runs the real hcached as a child process on given directories: for tests, benchmarks and the demo."""
 
 import os
 import shutil
