@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -18,6 +19,9 @@ from hcache.layout.chunks import CHUNK_TOKENS, chunk_image_size, chunk_range, se
 from hcache.layout.geometry import Geometry, Rep
 from hcache.layout.paths import client_endpoint
 
+_LEASE_BYTES = 64 << 20
+_READS_IN_FLIGHT = 3  # keeps the disks busy while earlier pieces are copied out
+
 
 class AsyncHCacheClient:
     """An asyncio client of hcached. Local (ipc) clients move data through the arena; tcp ones in frames."""
@@ -28,7 +32,9 @@ class AsyncHCacheClient:
         self.daemon = hello
         self.local = transport.endpoint.startswith("ipc://")
         self._arena = ArenaMap(hello["arena"], hello["arena_size"]) if self.local else None
-        self._budget = hello["arena_size"] // 4  # bytes one lease may pin: leaves room for others
+        # Bytes one lease pins: small enough that the daemon writes (or reads) one piece while this
+        # client copies the next, and leaves arena room for other clients.
+        self._budget = min(hello["arena_size"] // (2 * _READS_IN_FLIGHT), _LEASE_BYTES)
         self._info: dict[str, ContextInfo] = {}
 
     @classmethod
@@ -209,12 +215,12 @@ class AsyncHCacheClient:
                 "read", ns=self.namespace, ctx=ctx, streams=[[layer, int(rep)] for layer, rep in streams[g0:g1]],
                 start=t0, end=t1, inline=not self.local))
 
-        nxt = request(items[0])
+        inflight = collections.deque(request(item) for item in items[:_READS_IN_FLIGHT])
         try:
             for i, (g0, g1, t0, t1) in enumerate(items):
-                reply, frames = await nxt
-                if i + 1 < len(items):
-                    nxt = request(items[i + 1])
+                reply, frames = await inflight.popleft()
+                if i + _READS_IN_FLIGHT < len(items):
+                    inflight.append(request(items[i + _READS_IN_FLIGHT]))
                 part = dst[g0:g1, t0 - start : t1 - start]
                 if self.local:
                     self._gather(reply["offsets"], t0, t1, part)
@@ -223,8 +229,8 @@ class AsyncHCacheClient:
                     for k, frame in enumerate(frames):
                         part[k].copy_(torch.frombuffer(frame.buffer, dtype=torch.uint8).view(t1 - t0, -1))
         finally:
-            if not nxt.done():
-                nxt.cancel()
+            for fut in inflight:
+                fut.cancel()
             await asyncio.gather(*releases)
 
     def _gather(self, offsets: list[int], start: int, end: int, dst: torch.Tensor) -> None:

@@ -13,6 +13,11 @@ class DaemonUnreachable(HCacheError):
     code = "unreachable"
 
 
+def no_daemon_at(endpoint: str, detail: str) -> DaemonUnreachable:
+    return DaemonUnreachable(f"hcached {detail} at {endpoint}: start hcached, or point HCACHE_SOCKET (or "
+                             "--socket / socket=...) at the socket it listens on")
+
+
 class BadRequest(HCacheError):
     code = wire.BAD_REQUEST
 

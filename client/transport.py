@@ -9,8 +9,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from hcache.client.errors import DaemonUnreachable, HCacheError, from_reply
+from hcache.client.errors import DaemonUnreachable, HCacheError, from_reply, no_daemon_at
 from hcache.layout import wire
+from hcache.layout.paths import missing_ipc_socket
 
 _HWM = 1024
 
@@ -38,6 +39,8 @@ class Transport:
     """Sends requests and awaits their replies; several calls may be in flight at once."""
 
     def __init__(self, endpoint: str, timeout: float) -> None:
+        if missing_ipc_socket(endpoint):
+            raise no_daemon_at(endpoint, "has no socket")
         self.endpoint = endpoint
         self.timeout = timeout
         zctx = zmq.asyncio.Context()
@@ -52,9 +55,7 @@ class Transport:
         self._res.reader = asyncio.get_running_loop().create_task(_read_replies(self._res))
 
     def unreachable(self, what: str, timeout: float) -> DaemonUnreachable:
-        return DaemonUnreachable(
-            f"hcached did not answer {what} at {self.endpoint} within {timeout:g}s: start hcached, or point "
-            "HCACHE_SOCKET (or socket=...) at the socket it listens on")
+        return no_daemon_at(self.endpoint, f"did not answer {what} within {timeout:g}s")
 
     async def call(self, op: str, frames: list[Any] | None = None, timeout: float | None = None,
                    **args: Any) -> tuple[dict, list[zmq.Frame]]:

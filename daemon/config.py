@@ -20,7 +20,7 @@ class Config:
     capacity: int = 0  # total disk bytes for slabs; 0 = bounded only by the file systems
     tcp: str = ""
     io_engine: str = "auto"
-    slab_size: int = 1 << 30
+    slab_size: int = 256 << 20
     lease_timeout: float = 30.0
     flush_batch: int = 64 << 20
     log_level: str = "INFO"

@@ -2,6 +2,7 @@
 
 import asyncio
 import errno
+import heapq
 import logging
 import mmap
 import os
@@ -27,7 +28,13 @@ class _SlabClass:
     slots_per_file: int
     fds: list[int] = field(default_factory=list)
     free: set[tuple[int, int]] = field(default_factory=set)
+    order: list[tuple[int, int]] = field(default_factory=list)  # heap over free; may hold stale entries
     growing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def add_file(self, n: int) -> None:
+        new = [(n, s) for s in range(self.slots_per_file)]
+        self.free.update(new)
+        self.order.extend(new)  # slots of a new file sort after every existing one: still a heap
 
 
 def probe_direct(path: Path) -> bool:
@@ -98,7 +105,7 @@ class DataDir:
             n = 0
             while (class_dir / f"{n}.slab").exists():
                 cls.fds.append(os.open(class_dir / f"{n}.slab", self._open_flags()))
-                cls.free.update((n, s) for s in range(cls.slots_per_file))
+                cls.add_file(n)
                 n += 1
 
     def mark_used(self, ref: SlotRef) -> None:
@@ -119,9 +126,11 @@ class DataDir:
         cls = self._class(slot_size)
         if not cls.free:
             return None
-        file, slot = min(cls.free)  # lowest first keeps writes near each other
-        cls.free.remove((file, slot))
-        return SlotRef(self.number, slot_size, file, slot)
+        while True:  # lowest free slot first keeps writes near each other
+            file, slot = heapq.heappop(cls.order)
+            if (file, slot) in cls.free:
+                cls.free.remove((file, slot))
+                return SlotRef(self.number, slot_size, file, slot)
 
     async def grow(self, slot_size: int) -> None:
         """Add one preallocated slab file for this slot size (fallocate runs off the loop)."""
@@ -152,12 +161,14 @@ class DataDir:
 
         fd = await asyncio.get_running_loop().run_in_executor(None, create)
         cls.fds.append(fd)
-        cls.free.update((n, s) for s in range(cls.slots_per_file))
+        cls.add_file(n)
         log.info("data dir %s: new slab %s (%d slots of %d bytes)", self.path, path.name, cls.slots_per_file,
                  slot_size)
 
     def give_back(self, ref: SlotRef) -> None:
-        self._classes[ref.slot_size].free.add((ref.file, ref.slot))
+        cls = self._classes[ref.slot_size]
+        cls.free.add((ref.file, ref.slot))
+        heapq.heappush(cls.order, (ref.file, ref.slot))
 
     def offset(self, ref: SlotRef) -> int:
         return ref.slot * ref.slot_size

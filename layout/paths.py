@@ -22,6 +22,13 @@ def endpoint_for(socket: str | os.PathLike) -> str:
     return s if "://" in s else f"ipc://{os.path.abspath(s)}"
 
 
+def missing_ipc_socket(endpoint: str) -> str | None:
+    """The socket path when an ipc endpoint has no socket file (no daemon there), else None."""
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+        return endpoint[len("ipc://"):]
+    return None
+
+
 def client_endpoint(socket: str | os.PathLike | None = None) -> str:
     """Where a client connects: the argument, else $HCACHE_SOCKET, else the default socket."""
     if socket is None:
