@@ -7,6 +7,25 @@ import secrets
 from pathlib import Path
 
 PAGE = 4096
+_PREFIX = "hcache-arena-"
+
+
+def arena_owner(name: str) -> int | None:
+    """The pid of the daemon that made an arena file of this name, or None if it is not one."""
+    if not name.startswith(_PREFIX):
+        return None
+    pid = name[len(_PREFIX):].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
 
 
 class Arena:
@@ -15,7 +34,7 @@ class Arena:
     def __init__(self, size: int, directory: Path) -> None:
         self.size = size // PAGE * PAGE
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"hcache-arena-{os.getpid()}-{secrets.token_hex(4)}"
+        self.path = directory / f"{_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, self.size)

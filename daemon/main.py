@@ -1,15 +1,17 @@
 """Starts and stops hcached: state dir lock, index, data dirs, IO engine, arena, server, signals."""
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import signal
 from pathlib import Path
 
+import aiofiles.os
 import uvloop
 
-from hcache.daemon.arena import Arena
+from hcache.daemon.arena import Arena, arena_owner, pid_alive
 from hcache.daemon.config import Config
 from hcache.daemon.index import Index
 from hcache.daemon.io_engine import open_engine
@@ -40,6 +42,18 @@ def _arena_dir(state_dir: Path) -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else state_dir
 
 
+async def _remove_stale_arenas(directory: Path) -> None:
+    """Arena files of daemons that were killed (-9) would pin their size in tmpfs forever: remove them."""
+    if not await aiofiles.os.path.isdir(directory):
+        return
+    for name in await aiofiles.os.listdir(directory):
+        pid = arena_owner(name)
+        if pid is not None and not pid_alive(pid):
+            log.info("removing the arena of dead hcached pid %d: %s", pid, name)
+            with contextlib.suppress(FileNotFoundError):
+                await aiofiles.os.remove(directory / name)
+
+
 async def serve(cfg: Config) -> None:
     """Run until SIGTERM or SIGINT, then flush everything committed and stop cleanly."""
     lock = _lock_state_dir(cfg.state_dir)
@@ -50,6 +64,7 @@ async def serve(cfg: Config) -> None:
         if not d.direct:
             log.warning("data dir %s refuses O_DIRECT (tmpfs?): using buffered IO + fdatasync there", d.path)
     engine = await open_engine(cfg.io_engine, loop, str(cfg.data_dirs[0]))
+    await _remove_stale_arenas(_arena_dir(cfg.state_dir))
     arena = Arena(cfg.dram, _arena_dir(cfg.state_dir))
     store = Store(cfg, arena, dirs, index, engine)
     server = Server(store, cfg.socket, cfg.tcp)

@@ -86,6 +86,10 @@ class DaemonProcess:
         return self.start()
 
     def cleanup(self) -> None:
+        """Stop the daemon if it still runs (SIGTERM, so its arena file goes too; SIGKILL if stuck)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.kill()
+            try:
+                self.stop(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
         shutil.rmtree(self._sock_dir, ignore_errors=True)

@@ -11,6 +11,7 @@ import zmq
 import zmq.asyncio
 
 from hcache import __version__
+from hcache.daemon.arena import pid_alive
 from hcache.daemon.contexts import Context
 from hcache.daemon.leases import Lease
 from hcache.daemon.store import Store
@@ -226,7 +227,7 @@ class Server:
         while True:
             await asyncio.sleep(min(1.0, self.store.leases.timeout / 4))
             for peer, pid in list(self._peer_pids.items()):
-                if not _alive(pid):
+                if not pid_alive(pid):
                     del self._peer_pids[peer]
                     self._peer_gone(peer)
             gone = self.store.leases.pop_expired(time.monotonic())
@@ -240,12 +241,3 @@ class Server:
         self.sock.close(linger=0)
         self.zctx.term()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
