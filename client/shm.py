@@ -12,7 +12,10 @@ class ArenaMap:
     def __init__(self, path: str, size: int) -> None:
         fd = os.open(path, os.O_RDWR)
         try:
-            self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            # Page tables are per process: without MAP_POPULATE every 4 KiB of the first save or
+            # restore through a page would take a fault in this process (measured: warm restores at
+            # a third of memcpy speed).
+            self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         finally:
             os.close(fd)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
