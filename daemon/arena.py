@@ -19,13 +19,13 @@ def arena_owner(name: str) -> int | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process runs; a zombie (exited, not yet reaped) counts as gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return True
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X")
 
 
 class Arena:

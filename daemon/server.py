@@ -126,9 +126,9 @@ class Server:
             geometry = Geometry.from_dict(get(h, "geometry", dict))
         except (ValueError, TypeError) as e:
             raise WireError(BAD_REQUEST, f"bad geometry: {e}") from None
+        layers = h["layers"] if "layers" in h else {"hidden": list(range(geometry.num_layers))}
         ctx = await self.store.open(get(h, "ns", str, "default"), get(h, "ctx", str), get(h, "model", str),
-                                    geometry, h.get("layers", {"hidden": list(range(geometry.num_layers))}),
-                                    get(h, "create", bool, True))
+                                    geometry, layers, get(h, "create", bool, True))
         return ctx.info(), []
 
     async def op_append(self, peer: bytes, h: dict, frames: list) -> Reply:

@@ -119,11 +119,11 @@ class Store:
         if ctx.writer is not None:
             raise WireError(BUSY, f"context {ctx.ctx_id!r} has an append in progress: commit or abort it first")
         start, end = ctx.n_tokens, ctx.n_tokens + n
-        chunks = [s.chunk(i) for s in ctx.streams for i in chunk_range(start, end)]
-        need = sum(c.stream.image_size for c in chunks if c.arena_off is None)
+        need = len(chunk_range(start, end)) * sum(s.image_size for s in ctx.streams)  # at most; before any state
         if need > self.arena.size // 2:
             raise WireError(OVER_CAPACITY, f"appending {n} tokens needs {need} bytes of arena, more than half of "
                                            f"its {self.arena.size}: append fewer tokens per call or raise --dram")
+        chunks = [s.chunk(i) for s in ctx.streams for i in chunk_range(start, end)]
         ctx.writer = True  # reserved while chunks come in
         try:
             await self.cache.make_resident(chunks)
@@ -163,18 +163,20 @@ class Store:
         if not isinstance(streams, list) or not streams:
             raise WireError(BAD_REQUEST, "streams must be a non-empty list of [layer, rep] pairs")
         chunks: list[Chunk] = []
+        picked = []
         for item in streams:
             if not (isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)):
                 raise WireError(BAD_REQUEST, "streams must be a list of [layer, rep] pairs")
             s = ctx.stream(*item)
+            picked.append(s)
             chunks += [s.chunk(i) for i in chunk_range(start, end)]
-            self.bytes_restored += s.token_bytes * (end - start)
         need = sum(c.stream.image_size for c in chunks if c.arena_off is None)
         if need > self.arena.size // 2:
             raise WireError(OVER_CAPACITY, f"reading this range needs {need} bytes of arena, more than half of "
                                            f"its {self.arena.size}: read fewer layers or tokens per call")
         await self.cache.make_resident(chunks)
         ctx.accessed = time.time()
+        self.bytes_restored += sum(s.token_bytes for s in picked) * (end - start)
         return self.leases.add("read", owner, ctx, chunks, start, end)
 
     def release(self, owner: bytes, lease_id: int) -> None:

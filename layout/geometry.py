@@ -26,6 +26,10 @@ def rep_from_name(name: str) -> Rep:
         raise ValueError(f"unknown representation {name!r}: use one of {sorted(REP_NAMES)}") from None
 
 
+# Far above any real model; they keep a bad request from allocating per-layer state without end.
+_LIMITS = {"num_layers": 4096, "hidden_size": 1 << 20, "num_kv_heads": 1 << 12, "head_dim": 1 << 14}
+
+
 @dataclass(frozen=True, slots=True)
 class Geometry:
     """The shape of a decoder stack as far as storage is concerned."""
@@ -37,10 +41,10 @@ class Geometry:
     dtype: str
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_kv_heads", "head_dim"):
+        for name, limit in _LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"geometry.{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+                raise ValueError(f"geometry.{name} must be an integer in 1..{limit}, got {value!r}")
         if self.dtype not in DTYPE_SIZES:
             raise ValueError(f"geometry.dtype {self.dtype!r} is not supported: use one of {sorted(DTYPE_SIZES)}")
 
