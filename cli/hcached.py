@@ -19,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--io-engine", choices=["auto", "io_uring", "threads"], help="IO engine (default: auto)")
     p.add_argument("--slab-size", type=parse_size, metavar="SIZE", help="size of each preallocated slab file")
     p.add_argument("--lease-timeout", type=float, metavar="SECONDS", help="how long a client may hold a lease")
+    p.add_argument("--read-throttle", type=parse_size, metavar="SIZE",
+                   help="cap disk reads at SIZE bytes/s (emulates a slower disk for benchmarks)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 

@@ -18,7 +18,8 @@ log = logging.getLogger("hcache.daemon.cache")
 class ChunkCache:
     """Arena residency of chunk images. Dirty chunks cannot be dropped: saves wait for the flusher."""
 
-    def __init__(self, arena: Arena, dirs: list[DataDir], engine: IoEngine, backpressure_s: float) -> None:
+    def __init__(self, arena: Arena, dirs: list[DataDir], engine: IoEngine, backpressure_s: float,
+                 read_throttle: int = 0) -> None:
         self.arena = arena
         self.dirs = dirs
         self.engine = engine
@@ -28,6 +29,8 @@ class ChunkCache:
         self.on_pressure: Callable[[], None] = lambda: None  # set by the store: flush all dirty chunks
         self.hits = 0
         self.misses = 0
+        self.read_throttle = read_throttle
+        self._reads_free_at = 0.0  # with a throttle: when the emulated disk is idle again
 
     def touch(self, chunk: Chunk) -> None:
         self.lru.move_to_end(chunk)
@@ -124,6 +127,8 @@ class ChunkCache:
                 await self.engine.read(ops)
             except OSError as e:
                 raise WireError(IO_ERROR, f"reading chunks from disk failed: {e}") from None
+            if self.read_throttle and ops:
+                await self._throttle(sum(len(op.buf) for op in ops))
             for c in chunks:
                 if c.disk is not None:
                     self._verify(c)
@@ -139,6 +144,11 @@ class ChunkCache:
             fut, c.loading = c.loading, None
             if fut is not None and not fut.done():
                 fut.set_result(None)
+
+    async def _throttle(self, nbytes: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._reads_free_at = max(self._reads_free_at, loop.time()) + nbytes / self.read_throttle
+        await asyncio.sleep(self._reads_free_at - loop.time())
 
     def _verify(self, c: Chunk) -> None:
         s = c.stream

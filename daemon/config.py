@@ -24,6 +24,7 @@ class Config:
     lease_timeout: float = 30.0
     flush_batch: int = 64 << 20
     log_level: str = "INFO"
+    read_throttle: int = 0  # bytes/s cap on disk reads, to emulate a slower disk in benchmarks; 0 = none
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser().absolute()
@@ -40,6 +41,8 @@ class Config:
             raise ValueError(f"dram {self.dram} bytes is too small: give the arena at least 16MiB")
         if self.slab_size < 1 << 20 or self.slab_size % 4096:
             raise ValueError("slab_size must be a multiple of 4KiB and at least 1MiB")
+        if self.read_throttle < 0:
+            raise ValueError("read_throttle must be >= 0 bytes/s (0: no cap)")
         if self.lease_timeout <= 0:
             raise ValueError("lease_timeout must be positive (seconds)")
         if self.tcp and self.tcp.count(":") != 1:

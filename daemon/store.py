@@ -33,7 +33,7 @@ class Store:
         self.engine = engine
         self.contexts: dict[bytes, Context] = {}
         self.leases = Leases(cfg.lease_timeout)
-        self.cache = ChunkCache(arena, dirs, engine, backpressure_s=cfg.lease_timeout)
+        self.cache = ChunkCache(arena, dirs, engine, backpressure_s=cfg.lease_timeout, read_throttle=cfg.read_throttle)
         self.flusher = Flusher(self.cache, dirs, index, cfg.flush_batch, self._may_grow)
         self.cache.on_pressure = lambda: self.flusher.add_all_dirty(list(self.contexts.values()))
         self.bytes_saved = 0
