@@ -82,6 +82,10 @@ class Flusher:
             del self.queue[c]
             if not c.dirty or c.stream.ctx.deleted or c.arena_off is None:
                 continue
+            # Marked now, not when the batch's task starts: until then add_all_dirty (arena pressure) could
+            # queue it again, a second batch would write it too, and the first to finish would let the arena
+            # reuse its space while the second still writes from it.
+            c.flushing = True
             batch.append(c)
             size += c.stream.image_size
             if size >= self.batch_bytes:
@@ -135,8 +139,6 @@ class Flusher:
         meta_by_ctx: dict[bytes, dict] = {}
         written: list[tuple[Chunk, SlotRef, int, int, int]] = []  # chunk, slot, n_tokens, crc, seq
         ops: list[IoOp] = []
-        for c in batch:
-            c.flushing = True
         try:
             for c in batch:
                 s = c.stream
