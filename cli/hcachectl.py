@@ -5,11 +5,13 @@ from typing import Annotated
 
 import typer
 
+from hcache.cli.plan import plan
 from hcache.client.control import ControlClient
 from hcache.client.errors import DaemonUnreachable, HCacheError
 from hcache.layout.units import format_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Manage the hcache daemon (hcached).")
+app.command()(plan)
 
 EXIT_PROBLEM, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
