@@ -57,6 +57,12 @@ class DaemonInternalError(HCacheError):
     code = wire.INTERNAL
 
 
+class UnsupportedModel(HCacheError):
+    """The model's architecture has no projection here: its layers' K/V cannot be rebuilt bit-exactly."""
+
+    code = "unsupported_model"
+
+
 _BY_CODE = {cls.code: cls for cls in (BadRequest, UnknownContext, ModelMismatch, LeaseError, Busy, OverCapacity,
                                       CorruptChunk, StorageIOError, DaemonInternalError)}
 

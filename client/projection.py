@@ -1,0 +1,110 @@
+"""Rebuild a transformers causal LM's KV cache from saved layer inputs (projection) or from tokens (recompute)."""
+
+import hashlib
+import json
+from functools import reduce
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from hcache.client.families import KV, family_of, rope_of
+from hcache.client.layout import geometry_dtype
+from hcache.layout.geometry import Geometry
+
+
+class _Stop(Exception):
+    """Raised by a forward pre-hook to end a forward pass after the layers that were wanted."""
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers in order; a forward pre-hook on layer i sees layer i's input hidden state."""
+    family = family_of(model)
+    return list(reduce(getattr, family.stack.split("."), model.base_model))
+
+
+def geometry_of(model: nn.Module) -> Geometry:
+    """The storage geometry of the model's decoder stack, in the model's dtype."""
+    family = family_of(model)
+    layers = decoder_layers(model)
+    config = model.config
+    attn = getattr(layers[0], family.attn)
+    return Geometry(num_layers=len(layers), hidden_size=config.hidden_size,
+                    num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                    head_dim=attn.head_dim, dtype=geometry_dtype(model.dtype))
+
+
+def fingerprint(model: nn.Module, model_id: str | None = None) -> str:
+    """A key like "LlamaModel:<32 hex>": blake2b over the base model's class, the geometry (dtype included) and
+    model_id, or without one the sorted (name, shape) of the base model's state dict; the same in every process.
+    Weight values are not read: two fine-tunes of one base model agree unless given model ids."""
+    geometry = geometry_of(model)
+    base = model.base_model
+    arch = type(base).__name__
+    parts: dict[str, object] = {"arch": arch, "geometry": geometry.to_dict()}
+    if model_id is not None:
+        parts["model_id"] = model_id
+    else:
+        parts["tensors"] = sorted((name, list(t.shape)) for name, t in base.state_dict().items())
+    h = hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16, person=b"hcache-model")
+    return f"{arch}:{h.hexdigest()}"
+
+
+def project_kv(model: nn.Module, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor) -> KV:
+    """K, V [B, n_kv, T, head_dim] of `layer` from its input hidden state [B, T, D] at positions [B, T], computed by
+    the layer's own modules: bit-identical to what the model's prefill of the same tokens puts in its cache."""
+    family = family_of(model)
+    module = _layer(model, layer)
+    hidden = hidden.to(device=next(module.parameters()).device, dtype=model.dtype)
+    with torch.no_grad():
+        k, v = family.kv(module, hidden)
+        if family.rope:
+            # The model computes cos/sin once from its embeddings; they have the layer input's dtype.
+            cos, sin = model.base_model.rotary_emb(hidden, position_ids.to(hidden.device))
+            # The family's apply_rotary_pos_emb rotates (q, k) independently; one head stands in for q.
+            _, k = rope_of(getattr(module, family.attn))(k[:, :1], k, cos.to(k.device), sin.to(k.device))
+    return k, v
+
+
+def recompute_prefix(model: nn.Module, token_ids: torch.Tensor, n_layers: int) -> list[KV]:
+    """K, V of layers 0..n_layers-1 over all of token_ids [1, n], by running the model's own forward that far."""
+    layers = decoder_layers(model)
+    if not 0 < n_layers <= len(layers):
+        raise ValueError(f"n_layers must be in 1..{len(layers)}, got {n_layers}")
+    # No config: every layer keeps its full K/V, sliding-window layers included, as project_kv returns them.
+    cache = DynamicCache()
+    handle = layers[n_layers].register_forward_pre_hook(_stop) if n_layers < len(layers) else None
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=token_ids, cache=cache, use_cache=True)  # the base model: no lm_head
+    except _Stop:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
+    return [(cache.layers[i].keys, cache.layers[i].values) for i in range(n_layers)]
+
+
+def build_cache(model: nn.Module, kv: list[KV]) -> DynamicCache:
+    """A cache holding every layer's full K, V [B, n_kv, n, head_dim] for the first n tokens of a sequence.
+
+    Continue with model.generate(full_ids, cache=cache) where full_ids [B, m] starts with those n tokens and
+    m > n: generate feeds only full_ids[:, n:]. With m == n it would feed all n tokens again on top of the cache;
+    to continue right after the cached tokens, build the cache from their first n - 1 positions instead. An
+    attention_mask, if passed, covers all m tokens."""
+    layers = decoder_layers(model)
+    if len(kv) != len(layers):
+        raise ValueError(f"build_cache needs K/V for all {len(layers)} layers, got {len(kv)}")
+    # With the config, sliding-window layers keep only their window, yet count all n tokens for positions.
+    return DynamicCache(ddp_cache_data=kv, config=model.config)
+
+
+def _layer(model: nn.Module, layer: int) -> nn.Module:
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer must be in 0..{len(layers) - 1}, got {layer}")
+    return layers[layer]
+
+
+def _stop(module: nn.Module, args: tuple) -> None:
+    raise _Stop
