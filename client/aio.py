@@ -150,18 +150,12 @@ class AsyncHCacheClient:
         self._info[ctx] = dataclasses.replace(self._info[ctx], n_tokens=reply["n_tokens"])
 
     def _scatter(self, lease: dict, pieces: list[torch.Tensor]) -> None:
-        arena = self._arena.bytes
         start, end = lease["start"], lease["end"]
         per_stream = len(chunk_range(start, end))
-        offsets = lease["offsets"]
-        segs = segments(start, end)
         for k, src in enumerate(pieces):
-            tb = src.shape[1]
-            t = 0
-            for pos, first, count in segs:
-                dst = offsets[k * per_stream + pos] + first * tb
-                arena[dst : dst + count * tb].view(count, tb).copy_(src[t : t + count])
-                t += count
+            chunk_offsets = lease["offsets"][k * per_stream : (k + 1) * per_stream]
+            for arena_part, t, n in self._runs(chunk_offsets, start, end, src.shape[1]):
+                arena_part.copy_(src[t : t + n].view(arena_part.shape))
 
     # -- restoring --------------------------------------------------------------------------------
     async def restore(self, ctx: str, rep: str, layers: Sequence[int] | None = None, start: int = 0,
@@ -234,13 +228,36 @@ class AsyncHCacheClient:
             await asyncio.gather(*releases)
 
     def _gather(self, offsets: list[int], start: int, end: int, dst: torch.Tensor) -> None:
-        arena = self._arena.bytes
-        tb = dst.shape[2]
         per_stream = len(chunk_range(start, end))
-        segs = segments(start, end)
         for k in range(dst.shape[0]):
-            t = 0
-            for pos, first, count in segs:
-                src = offsets[k * per_stream + pos] + first * tb
-                dst[k, t : t + count].copy_(arena[src : src + count * tb].view(count, tb))
-                t += count
+            chunk_offsets = offsets[k * per_stream : (k + 1) * per_stream]
+            for arena_part, t, n in self._runs(chunk_offsets, start, end, dst.shape[2]):
+                dst[k, t : t + n].view(arena_part.shape).copy_(arena_part)
+
+    def _runs(self, chunk_offsets: list[int], start: int, end: int,
+              tb: int) -> list[tuple[torch.Tensor, int, int]]:
+        """Arena views for tokens [start, end) of one stream, as (view, first token, count): consecutive full
+        chunks that lie one image apart merge into one strided view, so one copy moves many chunks (a copy
+        per 64-token chunk spent most of its time starting and stopping OpenMP threads)."""
+        arena = self._arena.bytes
+        image = chunk_image_size(tb)
+        runs: list[list[int]] = []  # [arena offset, first token, tokens, chunks merged (0: a partial chunk)]
+        t = 0
+        for pos, first, count in segments(start, end):
+            off = chunk_offsets[pos] + first * tb
+            prev = runs[-1] if runs else None
+            if (count == CHUNK_TOKENS and prev is not None and prev[3]
+                    and prev[0] + prev[3] * image == off):
+                prev[2] += count
+                prev[3] += 1
+            else:
+                runs.append([off, t, count, 1 if count == CHUNK_TOKENS else 0])
+            t += count
+        views = []
+        for off, t, n, merged in runs:
+            if merged > 1:
+                view = arena.as_strided((merged, CHUNK_TOKENS, tb), (image, tb, 1), off)
+            else:
+                view = arena[off : off + n * tb].view(n, tb)
+            views.append((view, t, n))
+        return views

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -68,6 +69,12 @@ class HCacheClient:
     def restore(self, ctx: str, rep: str, layers: Sequence[int] | None = None, start: int = 0,
                 end: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         return self._run(self._aio.restore(ctx, rep, layers, start, end, out))
+
+    def restore_future(self, ctx: str, rep: str, layers: Sequence[int] | None = None, start: int = 0,
+                       end: int | None = None, out: torch.Tensor | None = None) -> concurrent.futures.Future:
+        """Start a restore and return at once; the Future's result is the filled tensor. Lets a caller
+        compute on earlier layers while later ones are still being read."""
+        return asyncio.run_coroutine_threadsafe(self._aio.restore(ctx, rep, layers, start, end, out), self._loop)
 
     def tokens(self, ctx: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         return self._run(self._aio.tokens(ctx, start, end))
