@@ -1,0 +1,184 @@
+"""capture(): stream the input hidden states (and K/V) of every token a model processes into a context."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from hcache.client.errors import BadRequest
+from hcache.client.layout import ContextInfo
+from hcache.client.sync import HCacheClient
+
+STORE_CHOICES = ("plan", "hidden", "kv", "both")
+
+
+@dataclass
+class _Step:
+    """One forward pass of one batch row: its new tokens and each stored layer's data for them."""
+
+    ctx: str
+    ids: torch.Tensor
+    data: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Sender:
+    """Appends captured steps from a thread of its own, so a decode step never waits on the daemon."""
+
+    client: HCacheClient
+    steps: queue.Queue = field(default_factory=queue.Queue)
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="hcache-capture", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            batch = [self.steps.get()]
+            with contextlib.suppress(queue.Empty):  # coalesce what piled up: fewer, larger appends
+                while True:
+                    batch.append(self.steps.get_nowait())
+            done = None in batch
+            steps = [s for s in batch if s is not None]
+            if steps and self.error is None:
+                try:
+                    self._append(steps)
+                except BaseException as e:  # raised to the caller when the capture block ends
+                    self.error = e
+
+    def _append(self, steps: list[_Step]) -> None:
+        by_ctx: dict[str, list[_Step]] = {}
+        for s in steps:
+            by_ctx.setdefault(s.ctx, []).append(s)
+        for ctx, items in by_ctx.items():
+            ids = torch.cat([s.ids for s in items])
+            data = {k: torch.cat([s.data[k] for s in items], dim=1) for k in items[0].data}
+            self.client.append(ctx, ids, data)
+
+    def close(self) -> None:
+        self.steps.put(None)
+        if self.thread is not None:
+            self.thread.join()
+
+
+class _Capture:
+    """Hooks on a model's decoder layers collecting each forward's layer inputs."""
+
+    def __init__(self, model: torch.nn.Module, client: HCacheClient, ctxs: list[str], store: str,
+                 model_id: str | None) -> None:
+        from hcache.client.projection import decoder_layers, fingerprint, geometry_of
+
+        self.model = model
+        self.client = client
+        self.ctxs = ctxs
+        self.store = store
+        self.layers = decoder_layers(model)
+        self.geometry = geometry_of(model)
+        self.fingerprint = fingerprint(model, model_id)
+        self.info: dict[str, ContextInfo] = {}
+        self.sender = _Sender(client)
+        self._hidden: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._ids: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> _Capture:
+        self.sender.start()
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._on_model_output, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self.sender.close()
+        if self.sender.error is not None:
+            raise self.sender.error
+        if exc[0] is None:
+            for ctx in self.info:
+                self.client.flush(ctx)
+
+    def _on_model_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise BadRequest("capture needs input_ids: call the model (or generate) with token ids, not embeddings")
+        self._ids = ids
+        self._mask = kwargs.get("attention_mask")
+
+    def _layer_hook(self, i: int):  # noqa: ANN202 - a forward pre-hook
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            # The layer input is never modified in place by the layer: keep a reference, copy later.
+            self._hidden[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        return hook
+
+    def _on_model_output(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        ids, hidden = self._ids, self._hidden
+        self._hidden = [None] * len(self.layers)
+        if ids is None or any(h is None for h in hidden):
+            return
+        b, t = ids.shape
+        if b != len(self.ctxs):
+            raise BadRequest(f"capture got {len(self.ctxs)} context ids for a batch of {b} rows: give one id per row")
+        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        mask = self._mask[:, -t:].bool() if self._mask is not None else None
+        for row, ctx in enumerate(self.ctxs):
+            info = self.info.get(ctx) or self._open(ctx, t)
+            keep = mask[row].cpu() if mask is not None else slice(None)
+            data: dict[str, torch.Tensor] = {}
+            if info.layers.get("hidden"):
+                data["hidden"] = torch.stack([hidden[i][row, -t:] for i in info.layers["hidden"]]).cpu()[:, keep]
+            if info.layers.get("kv"):
+                data["kv"] = self._step_kv(cache, info.layers["kv"], row, t)[:, keep]
+            self.sender.steps.put(_Step(ctx, ids[row].cpu()[keep], data))
+
+    def _step_kv(self, cache: object, layers: list[int], row: int, t: int) -> torch.Tensor:
+        """K/V of this step's tokens as [layers, t, 2, n_kv, head_dim], from the model's own cache."""
+        if cache is None:
+            raise BadRequest("capture with store='kv' or 'both' needs the model to return its cache (use_cache=True)")
+        per_layer = []
+        for i in layers:
+            entry = cache.layers[i]
+            kv = torch.stack([entry.keys[row, :, -t:], entry.values[row, :, -t:]]).detach()  # [2, n_kv, t, hd]
+            per_layer.append(kv.permute(2, 0, 1, 3))
+        return torch.stack(per_layer).cpu()
+
+    def _open(self, ctx: str, t: int) -> ContextInfo:
+        info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry, layers=self._layers_to_store(t))
+        self.info[ctx] = info
+        return info
+
+    def _layers_to_store(self, t: int) -> dict[str, list[int]]:
+        every = list(range(self.geometry.num_layers))
+        if self.store == "hidden":
+            return {"hidden": every}
+        if self.store == "kv":
+            return {"kv": every}
+        if self.store == "both":
+            return {"hidden": every, "kv": every}
+        from hcache.client.planner import save_plan
+
+        return save_plan(self.geometry, t)
+
+
+@contextlib.contextmanager
+def capture(model: torch.nn.Module, client: HCacheClient, ctx: str | list[str], store: str = "plan",
+            model_id: str | None = None) -> Iterator[None]:
+    """Save the input hidden states (and/or K/V) of every token `model` processes inside the block into
+    context `ctx` (one id, or one per batch row), appending if it exists; the block's end waits until
+    it is durable. `store`: "plan" (what the planner keeps per layer), "hidden", "kv" or "both"."""
+    if store not in STORE_CHOICES:
+        raise BadRequest(f"store={store!r}: use one of {STORE_CHOICES}")
+    ctxs = [ctx] if isinstance(ctx, str) else list(ctx)
+    with _Capture(model, client, ctxs, store, model_id):
+        yield
