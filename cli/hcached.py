@@ -1,42 +1,42 @@
-"""The hcached entry point: parses flags into a daemon Config and runs the daemon."""
+"""The hcached entry point: flags, HCACHE_* variables and the config file resolved into a Config, then the daemon."""
 
 import argparse
+import os
 import sys
 
-from hcache.daemon.config import Config
-from hcache.layout.units import parse_size
+from hcache.daemon.config_sources import CONFIG_ENV, KEYS, ConfigError, ConfigSources, render
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hcached", description="hcache storage daemon (one per host)")
-    p.add_argument("--data-dir", action="append", default=[], metavar="DIR",
-                   help="a data dir, one per SSD; repeat for several (default: STATE_DIR/data)")
-    p.add_argument("--state-dir", metavar="DIR", help="index and lock (default: $HCACHE_HOME or ~/.local/state/hcache)")
-    p.add_argument("--socket", metavar="PATH", help="ipc socket (default: $XDG_RUNTIME_DIR/hcache/hcached.sock)")
-    p.add_argument("--dram", type=parse_size, metavar="SIZE", help="arena (DRAM snapshot buffer) size, e.g. 4GiB")
-    p.add_argument("--capacity", type=parse_size, metavar="SIZE", help="disk bytes for slabs over all data dirs")
-    p.add_argument("--tcp", metavar="HOST:PORT", help="also serve remote clients over tcp")
-    p.add_argument("--io-engine", choices=["auto", "io_uring", "threads"], help="IO engine (default: auto)")
-    p.add_argument("--slab-size", type=parse_size, metavar="SIZE", help="size of each preallocated slab file")
-    p.add_argument("--lease-timeout", type=float, metavar="SECONDS", help="how long a client may hold a lease")
-    p.add_argument("--read-throttle", type=parse_size, metavar="SIZE",
-                   help="cap disk reads at SIZE bytes/s (emulates a slower disk for benchmarks)")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p = argparse.ArgumentParser(
+        prog="hcached", description="hcache storage daemon (one per host). Every setting is a flag, an HCACHE_* "
+        "variable (HCACHE_CAPACITY=1TiB) and a key of the TOML config file; a flag wins over the variable, which "
+        "wins over the file.")
+    p.add_argument("--config", metavar="FILE", help=f"TOML config file (default: ${CONFIG_ENV}, else none)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective settings and where each came from, then exit")
+    for key in KEYS.values():
+        if key.name == "data_dirs":
+            p.add_argument(key.flag, dest=key.name, action="append", metavar=key.metavar, help=key.help)
+        else:
+            p.add_argument(key.flag, dest=key.name, metavar=key.metavar, help=key.help)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v not in (None, [])}
-    if "data_dir" in given:
-        given["data_dirs"] = given.pop("data_dir")
+    flags = {name: value for name, value in vars(args).items() if name in KEYS and value is not None}
     try:
-        cfg = Config(**given)
-    except ValueError as e:
+        sources = ConfigSources(flags, os.environ, args.config)
+        resolved = sources.resolve()
+    except ConfigError as e:
         sys.exit(f"hcached: {e}")
+    if args.print_config:
+        print(render(resolved))
+        return
     from hcache.daemon.main import run
 
-    run(cfg)
+    run(sources, resolved)
 
 
 if __name__ == "__main__":

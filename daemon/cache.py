@@ -115,6 +115,7 @@ class ChunkCache:
 
     async def _load(self, chunks: list[Chunk]) -> None:
         ops: list[IoOp] = []
+        op_dirs: list[DataDir] = []
         try:
             for c in chunks:
                 self.place(c, await self.alloc(c.stream.image_size))
@@ -122,10 +123,13 @@ class ChunkCache:
                     d = self.dirs[c.disk.dir]
                     view = self.arena.view[c.arena_off : c.arena_off + c.stream.image_size]
                     ops.append(IoOp(d.fd(c.disk), view, d.offset(c.disk)))
+                    op_dirs.append(d)
             self.misses += len(ops)
             try:
                 await self.engine.read(ops)
             except OSError as e:
+                for i, _ in getattr(e, "failures", []):
+                    op_dirs[i].errors += 1
                 raise WireError(IO_ERROR, f"reading chunks from disk failed: {e}") from None
             if self.read_throttle and ops:
                 await self._throttle(sum(len(op.buf) for op in ops))
@@ -158,6 +162,7 @@ class ChunkCache:
             if header.n_tokens < c.n_tokens:
                 raise ChunkFormatError(f"chunk holds {header.n_tokens} tokens, the index expects {c.n_tokens}")
         except ChunkFormatError as e:
+            self.dirs[c.disk.dir].errors += 1
             log.error("corrupt chunk: context %s layer %d chunk %d in %s: %s", s.ctx.ctx_id, s.layer, c.idx,
                       self.dirs[c.disk.dir].path, e)
             raise WireError(CORRUPT, f"context {s.ctx.ctx_id!r}, layer {s.layer}, chunk {c.idx}: {e}; "

@@ -1,12 +1,15 @@
 """The daemon's configuration: one validated dataclass with the defaults an operator expects."""
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from hcache.layout.paths import default_socket_path, default_state_dir
 
 IO_ENGINES = ("auto", "io_uring", "threads")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# What SIGHUP can change in a running daemon; the rest needs a restart.
+LIVE_KEYS = ("capacity", "dir_capacity", "high_watermark", "low_watermark", "ttl", "log_level")
 
 
 @dataclass(slots=True)
@@ -18,7 +21,12 @@ class Config:
     socket: str = ""
     dram: int = 1 << 30
     capacity: int = 0  # total disk bytes for slabs; 0 = bounded only by the file systems
+    dir_capacity: int = 0  # disk bytes for slabs in each data dir; 0 = bounded only by its file system
+    high_watermark: float = 0.95  # of capacity: above it, least recently used contexts are evicted...
+    low_watermark: float = 0.85  # ...until usage is back under this
+    ttl: float = 0.0  # seconds since last access after which a context is evicted; 0 = never
     tcp: str = ""
+    metrics: str = ""  # HOST:PORT (or PORT, on 127.0.0.1) for Prometheus text at /metrics; "" = off
     io_engine: str = "auto"
     slab_size: int = 256 << 20
     lease_timeout: float = 30.0
@@ -47,3 +55,31 @@ class Config:
             raise ValueError("lease_timeout must be positive (seconds)")
         if self.tcp and self.tcp.count(":") != 1:
             raise ValueError(f"tcp {self.tcp!r} must be HOST:PORT")
+        if self.metrics.isdigit():
+            self.metrics = f"127.0.0.1:{self.metrics}"
+        if self.metrics and (self.metrics.count(":") != 1 or not self.metrics.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"metrics {self.metrics!r} must be HOST:PORT or PORT")
+        if self.capacity < 0 or self.dir_capacity < 0:
+            raise ValueError("capacity and dir_capacity must be >= 0 bytes (0: bounded by the file system)")
+        if not 0 < self.low_watermark < self.high_watermark <= 1:
+            raise ValueError(f"watermarks must satisfy 0 < low ({self.low_watermark}) < high "
+                             f"({self.high_watermark}) <= 1, as fractions of capacity")
+        if self.ttl < 0:
+            raise ValueError("ttl must be >= 0 seconds (0: contexts never expire)")
+        self.log_level = self.log_level.upper()
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level {self.log_level!r} is not one of {LOG_LEVELS}")
+
+
+def reload_into(running: Config, new: Config) -> tuple[dict[str, tuple[object, object]], list[str]]:
+    """Copy the live settings of `new` into the running config; returns what changed (key: (old, new)) and
+    the keys that differ but only take effect after a restart."""
+    changed = {}
+    for key in LIVE_KEYS:
+        old, value = getattr(running, key), getattr(new, key)
+        if old != value:
+            setattr(running, key, value)
+            changed[key] = (old, value)
+    restart = [f.name for f in fields(Config) if f.name not in LIVE_KEYS
+               and getattr(running, f.name) != getattr(new, f.name)]
+    return changed, restart

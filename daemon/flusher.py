@@ -5,13 +5,13 @@ import asyncio
 import errno
 import logging
 import time
-from collections.abc import Callable
 
 from hcache.daemon.cache import ChunkCache
 from hcache.daemon.contexts import Chunk, Context
 from hcache.daemon.index import ChunkRow, Index
 from hcache.daemon.io_engine import IoOp
 from hcache.daemon.slabs import DataDir, SlotRef
+from hcache.daemon.space import Space
 from hcache.layout.chunks import HEADER_SIZE, ChunkHeader, data_dir_for, payload_crc
 from hcache.layout.geometry import Rep
 
@@ -27,13 +27,12 @@ class NoSpace(Exception):
 class Flusher:
     """Background task turning queued dirty chunks into durable ones."""
 
-    def __init__(self, cache: ChunkCache, dirs: list[DataDir], index: Index, batch_bytes: int,
-                 may_grow: Callable[[int], bool]) -> None:
+    def __init__(self, cache: ChunkCache, dirs: list[DataDir], index: Index, batch_bytes: int, space: Space) -> None:
         self.cache = cache
         self.dirs = dirs
         self.index = index
         self.batch_bytes = batch_bytes
-        self.may_grow = may_grow
+        self.space = space
         self.queue: dict[Chunk, None] = {}  # insertion-ordered set
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(_MAX_BATCHES_IN_FLIGHT)
@@ -97,6 +96,14 @@ class Flusher:
         return self._seq
 
     async def _slot_for(self, c: Chunk) -> SlotRef:
+        """A slot on the chunk's own data dir, else on the next with room; at capacity, evict to make room."""
+        while (ref := await self._free_slot(c)) is None:
+            if not await self.space.make_room(c.stream.image_size):
+                raise NoSpace("no data dir has room for another chunk (capacity reached and nothing may be "
+                              "evicted, or every dir is full or failed)")
+        return ref
+
+    async def _free_slot(self, c: Chunk) -> SlotRef | None:
         size = c.stream.image_size
         n = len(self.dirs)
         first = data_dir_for(c.stream.layer, c.idx, n)
@@ -105,7 +112,7 @@ class Flusher:
             if not d.healthy:
                 continue
             ref = d.take(size)
-            if ref is None and self.may_grow(d.slab_size):
+            if ref is None and self.space.may_grow(d, size):
                 try:
                     await d.grow(size)
                 except OSError as e:
@@ -114,10 +121,11 @@ class Flusher:
                 ref = d.take(size)
             if ref is not None:
                 return ref
-        raise NoSpace("no data dir has room for another chunk (capacity reached, or every dir is full or failed)")
+        return None
 
     def _fail_dir(self, d: DataDir, e: OSError) -> None:
         d.healthy = False
+        d.errors += 1
         d.error = "full" if e.errno == errno.ENOSPC else f"{e.strerror or e}"
         log.error("data dir %s taken out of rotation: %s", d.path, d.error)
 
@@ -178,7 +186,7 @@ class Flusher:
             live = [w for w in written if not w[0].stream.ctx.deleted]
             for c, slot, *_ in written:
                 if c.stream.ctx.deleted:
-                    self.dirs[slot.dir].give_back(slot)
+                    self.space.discard([slot])
             pending = {c: n for c, _, n, _, _ in live}
             contexts = {c.stream.ctx for c in pending}
             durable = {ctx.key: min(s.durable_prefix(pending) for s in ctx.streams) for ctx in contexts}

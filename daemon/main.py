@@ -11,13 +11,17 @@ from pathlib import Path
 import aiofiles.os
 import uvloop
 
+from hcache.daemon import logs, metrics
 from hcache.daemon.arena import Arena, arena_owner, pid_alive
-from hcache.daemon.config import Config
+from hcache.daemon.config import reload_into
+from hcache.daemon.config_sources import ConfigError, ConfigSources, Resolved
 from hcache.daemon.index import Index
 from hcache.daemon.io_engine import open_engine
+from hcache.daemon.notify import notify
 from hcache.daemon.server import Server
 from hcache.daemon.slabs import DataDir
 from hcache.daemon.store import Store
+from hcache.layout.units import format_size
 
 log = logging.getLogger("hcache.daemon")
 
@@ -54,37 +58,75 @@ async def _remove_stale_arenas(directory: Path) -> None:
                 await aiofiles.os.remove(directory / name)
 
 
-async def serve(cfg: Config) -> None:
+def _reload(sources: ConfigSources, store: Store) -> None:
+    """SIGHUP: read the config file again and apply what can change while running."""
+    try:
+        new = sources.resolve().config
+    except ConfigError as e:
+        log.error("SIGHUP: configuration not reloaded, the running one stays: %s", e)
+        return
+    changed, restart = reload_into(store.cfg, new)
+    logs.set_level(store.cfg.log_level)
+    for key, (old, value) in changed.items():
+        shown = (format_size(old), format_size(value)) if key in ("capacity", "dir_capacity") else (old, value)
+        log.info("SIGHUP: %s %s -> %s", key, *shown)
+    if restart:
+        log.warning("SIGHUP: %s changed but take effect only after a restart of hcached", ", ".join(restart))
+    if not changed and not restart:
+        log.info("SIGHUP: configuration unchanged")
+
+
+async def serve(sources: ConfigSources, resolved: Resolved) -> None:
     """Run until SIGTERM or SIGINT, then flush everything committed and stop cleanly."""
+    cfg = resolved.config
     lock = _lock_state_dir(cfg.state_dir)
     loop = asyncio.get_running_loop()
-    index = Index(cfg.state_dir / "index.sqlite")
+    index_path = cfg.state_dir / "index.sqlite"
+    fresh_index = not index_path.exists()
+    index = Index(index_path)
     dirs = [DataDir(i, p, cfg.slab_size) for i, p in enumerate(cfg.data_dirs)]
     for d in dirs:
         if not d.direct:
             log.warning("data dir %s refuses O_DIRECT (tmpfs?): using buffered IO + fdatasync there", d.path)
+    if fresh_index and any(d.slabs() for d in dirs):
+        log.warning("the index %s is new but the data dirs hold chunks: run 'hcachectl fsck --rebuild' before "
+                    "saving anything to bring their contexts back", index_path)
     engine = await open_engine(cfg.io_engine, loop, str(cfg.data_dirs[0]))
     await _remove_stale_arenas(_arena_dir(cfg.state_dir))
     arena = Arena(cfg.dram, _arena_dir(cfg.state_dir))
     store = Store(cfg, arena, dirs, index, engine)
     server = Server(store, cfg.socket, cfg.tcp)
+    metrics_server: asyncio.Server | None = None
     try:
         store.load()
         store.flusher.start()
         server.bind()
+        if cfg.metrics:
+            host, port = cfg.metrics.rsplit(":", 1)
+            metrics_server = await metrics.serve(server.metrics, host, int(port))
+            server.metrics_address = f"{host}:{metrics_server.sockets[0].getsockname()[1]}"
         stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload yet"))
-        tasks = [loop.create_task(server.serve()), loop.create_task(server.expire_leases())]
-        log.info("hcached ready: engine=%s arena=%s (%d bytes) data dirs=%s", engine.name, arena.path, arena.size,
-                 ", ".join(str(d.path) for d in dirs))
+
+        def on_stop() -> None:
+            notify("STOPPING=1")
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGTERM, on_stop)
+        loop.add_signal_handler(signal.SIGINT, on_stop)
+        loop.add_signal_handler(signal.SIGHUP, _reload, sources, store)
+        tasks = [loop.create_task(server.serve()), loop.create_task(server.expire_leases()),
+                 loop.create_task(store.evictor.run())]
+        log.info("hcached ready: engine=%s arena=%s (%d bytes) data dirs=%s capacity=%s", engine.name, arena.path,
+                 arena.size, ", ".join(str(d.path) for d in dirs), format_size(store.space.capacity()))
+        notify(f"READY=1\nSTATUS=serving {len(store.contexts)} contexts on {cfg.socket}")
         await stop.wait()
         log.info("stopping: flushing what was committed")
         for t in tasks:
             t.cancel()
         await store.close()
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         await server.close()
         engine.close()
         for d in dirs:
@@ -95,6 +137,8 @@ async def serve(cfg: Config) -> None:
     log.info("stopped")
 
 
-def run(cfg: Config) -> None:
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvloop.run(serve(cfg))
+def run(sources: ConfigSources, resolved: Resolved) -> None:
+    logs.setup(resolved.config.log_level)
+    if resolved.path is not None:
+        log.info("configuration from %s", resolved.path)
+    uvloop.run(serve(sources, resolved))

@@ -1,4 +1,4 @@
-"""Byte sizes written the way operators write them: parse "4GiB"/"512M", print IEC."""
+"""Sizes and durations written the way operators write them: parse "4GiB"/"512M" and "7d", print IEC."""
 
 import re
 
@@ -23,3 +23,17 @@ def format_size(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Parse a duration in seconds: 90, "30s", "15m", "12h", "7d"."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (write e.g. 90, 30s, 15m, 12h or 7d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
