@@ -119,7 +119,8 @@ class Context:
     def meta(self) -> dict:
         """What chunk headers and the index carry to describe this context."""
         return {"ns": self.namespace, "id": self.ctx_id, "model": self.model,
-                "geometry": self.geometry.to_dict(), "layers": self.layers}
+                "geometry": self.geometry.to_dict(), "layers": self.layers,
+                "created": self.created}  # tells a re-created context's chunks from its deleted namesake's
 
     def packed_meta(self) -> bytes:
         return msgpack.packb(self.meta(), use_bin_type=True)

@@ -157,6 +157,39 @@ class Index:
 
         return await self._run(delete)
 
+    async def set_pinned(self, key: bytes, pinned: bool) -> None:
+        await self._run(lambda db: db.execute("UPDATE contexts SET pinned=? WHERE key=?", (int(pinned), key)))
+
+    async def touch(self, accessed: dict[bytes, float]) -> None:
+        """Record when contexts were last accessed (reads included), for LRU and TTL after a restart."""
+        await self._run(lambda db: db.executemany("UPDATE contexts SET accessed=? WHERE key=?",
+                                                  [(t, k) for k, t in accessed.items()]))
+
+    async def replace_all(self, contexts: list[ContextRow], chunks: list[ChunkRow]) -> None:
+        """Replace everything the index holds in one transaction (fsck --rebuild)."""
+
+        def replace(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ("context_chunks", "chunks", "contexts"):
+                    db.execute(f"DELETE FROM {table}")
+                db.executemany("INSERT INTO contexts VALUES (?,?,?,?,?,?,?,?,?)",
+                               [(r.key, r.namespace, r.ctx_id, r.model, r.meta, r.n_tokens, r.created, r.accessed,
+                                 int(r.pinned)) for r in contexts])
+                for row in chunks:
+                    key = chunk_key(row)
+                    s = row.slot
+                    db.execute("INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,1)",
+                               (key, s.dir, s.slot_size, s.file, s.slot, row.n_tokens, row.crc, row.seq))
+                    db.execute("INSERT INTO context_chunks VALUES (?,?,?,?,?)",
+                               (row.ctx, row.layer, row.rep, row.idx, key))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await self._run(replace)
+
     def drop_chunks_from(self, ctx: bytes, first_idx: int) -> list[SlotRef]:
         """At start-up: chunks past a context's durable length are unreachable; drop them."""
 

@@ -11,15 +11,18 @@ import zmq
 import zmq.asyncio
 
 from hcache import __version__
+from hcache.daemon import fsck
 from hcache.daemon.arena import pid_alive
 from hcache.daemon.contexts import Context
+from hcache.daemon.eviction import busy
 from hcache.daemon.leases import Lease
+from hcache.daemon.metrics import Metrics
 from hcache.daemon.store import Store
 from hcache.layout import wire
 from hcache.layout.chunks import HEADER_SIZE, chunk_range, segments
 from hcache.layout.geometry import Geometry
 from hcache.layout.paths import endpoint_for
-from hcache.layout.wire import BAD_REQUEST, INTERNAL, WireError, get, get_count
+from hcache.layout.wire import BAD_REQUEST, BUSY, INTERNAL, WireError, get, get_count
 
 log = logging.getLogger("hcache.daemon.server")
 
@@ -32,6 +35,8 @@ class Server:
 
     def __init__(self, store: Store, socket_path: str, tcp: str) -> None:
         self.store = store
+        self.metrics = Metrics(store)
+        self.metrics_address = ""  # HOST:PORT once the metrics endpoint listens
         self.socket_path = socket_path
         self.tcp = tcp
         self.zctx = zmq.asyncio.Context()
@@ -208,7 +213,8 @@ class Server:
         return {}, []
 
     async def op_stat(self, peer: bytes, h: dict, frames: list) -> Reply:
-        return self._ctx(h).info(), []
+        ctx = self._ctx(h)
+        return ({**ctx.info(), **self.store.placement(ctx)} if get(h, "detail", bool, False) else ctx.info()), []
 
     async def op_list(self, peer: bytes, h: dict, frames: list) -> Reply:
         ns = get(h, "ns", str, None)
@@ -220,7 +226,40 @@ class Server:
 
     async def op_status(self, peer: bytes, h: dict, frames: list) -> Reply:
         return {**self.store.status(), "pid": os.getpid(), "version": __version__,
-                "socket": self.socket_path, "tcp": self.tcp}, []
+                "socket": self.socket_path, "tcp": self.tcp, "metrics": self.metrics_address}, []
+
+    async def op_pin(self, peer: bytes, h: dict, frames: list) -> Reply:
+        ctx = self._ctx(h)
+        await self.store.pin(ctx, get(h, "pinned", bool, True))
+        return ctx.info(), []
+
+    async def op_evict(self, peer: bytes, h: dict, frames: list) -> Reply:
+        """Evict one context (never a pinned one), or LRU contexts until `until_free` bytes are free."""
+        store = self.store
+        if "ctx" in h:
+            ctx = self._ctx(h)
+            if ctx.pinned:
+                raise WireError(BAD_REQUEST, f"context {ctx.ctx_id!r} is pinned: unpin it first, or remove it "
+                                             "with rm")
+            if busy(ctx):
+                raise WireError(BUSY, f"context {ctx.ctx_id!r} is being saved or restored: retry when it is idle")
+            freed = await store.evictor.evict(ctx, "manual")
+            return {"freed": freed, "free": store.space.free(), "evicted": [[ctx.namespace, ctx.ctx_id]]}, []
+        want = get_count(h, "until_free")
+        before = dict(store.contexts)
+        freed = await store.evictor.until_free(want, "manual")
+        gone = [[c.namespace, c.ctx_id] for k, c in before.items() if k not in store.contexts]
+        return {"freed": freed, "free": store.space.free(), "evicted": gone,
+                "reached": store.space.free() >= want}, []
+
+    async def op_fsck(self, peer: bytes, h: dict, frames: list) -> Reply:
+        if get(h, "rebuild", bool, False):
+            return await fsck.rebuild(self.store), []
+        contexts = [self._ctx(h)] if "ctx" in h else list(self.store.contexts.values())
+        return await fsck.verify(self.store, contexts), []
+
+    async def op_stats(self, peer: bytes, h: dict, frames: list) -> Reply:
+        return {"metrics": self.metrics.figures()}, []
 
     async def expire_leases(self) -> None:
         """Take back leases not committed or released in time, and at once those of clients that exited."""

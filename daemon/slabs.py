@@ -73,6 +73,7 @@ class DataDir:
         self.direct = probe_direct(path)
         self.healthy = True
         self.error = ""
+        self.errors = 0  # IO errors and corrupt chunks seen here since start
         self._classes: dict[int, _SlabClass] = {}
         self._open_existing()
 
@@ -107,6 +108,26 @@ class DataDir:
                 cls.fds.append(os.open(class_dir / f"{n}.slab", self._open_flags()))
                 cls.add_file(n)
                 n += 1
+
+    def growth(self, slot_size: int) -> int:
+        """Bytes one more slab file of this slot size takes."""
+        return max(1, self.slab_size // slot_size) * slot_size
+
+    def free_all(self) -> None:
+        """Every slot of every slab file free again (before the index is rebuilt and marks what is used)."""
+        for cls in self._classes.values():
+            cls.free.clear()
+            cls.order.clear()
+            for n in range(len(cls.fds)):
+                cls.add_file(n)
+
+    def slabs(self) -> list[tuple[int, int, Path]]:
+        """(slot size, file number, path) of every slab file."""
+        return [(size, n, self.path / "slabs" / str(size) / f"{n}.slab")
+                for size, cls in sorted(self._classes.items()) for n in range(len(cls.fds))]
+
+    def slots_per_file(self, slot_size: int) -> int:
+        return self._classes[slot_size].slots_per_file
 
     def mark_used(self, ref: SlotRef) -> None:
         """At start-up: a slot the index says is taken."""

@@ -9,14 +9,18 @@ from hcache.daemon.arena import Arena
 from hcache.daemon.cache import ChunkCache
 from hcache.daemon.config import Config
 from hcache.daemon.contexts import Chunk, Context, parse_layers
+from hcache.daemon.eviction import Evictor
 from hcache.daemon.flusher import Flusher
 from hcache.daemon.index import ContextRow, Index
 from hcache.daemon.io_engine import IoEngine
 from hcache.daemon.leases import Lease, Leases
+from hcache.daemon.metrics import restore_latency_histogram
 from hcache.daemon.slabs import DataDir
+from hcache.daemon.space import Space
 from hcache.layout.chunks import CHUNK_TOKENS, HEADER_SIZE, chunk_range
 from hcache.layout.geometry import Geometry
 from hcache.layout.keys import context_key
+from hcache.layout.units import format_size
 from hcache.layout.wire import BAD_REQUEST, BUSY, IO_ERROR, MODEL_MISMATCH, OVER_CAPACITY, UNKNOWN_CONTEXT, WireError
 
 log = logging.getLogger("hcache.daemon.store")
@@ -34,14 +38,19 @@ class Store:
         self.contexts: dict[bytes, Context] = {}
         self.leases = Leases(cfg.lease_timeout)
         self.cache = ChunkCache(arena, dirs, engine, backpressure_s=cfg.lease_timeout, read_throttle=cfg.read_throttle)
-        self.flusher = Flusher(self.cache, dirs, index, cfg.flush_batch, self._may_grow)
+        self.space = Space(cfg, dirs, engine)
+        self.flusher = Flusher(self.cache, dirs, index, cfg.flush_batch, self.space)
         self.cache.on_pressure = lambda: self.flusher.add_all_dirty(list(self.contexts.values()))
+        self.evictor = Evictor(self)
+        self.space.make_room = self.evictor.make_room
+        self.maintenance = ""  # while set (what is going on), requests that touch contexts get BUSY
         self.bytes_saved = 0
         self.bytes_restored = 0
+        self.restore_latency = restore_latency_histogram()
 
-    def _may_grow(self, slab_size: int) -> bool:
-        allocated = sum(d.allocated_bytes for d in self.dirs)
-        return not self.cfg.capacity or allocated + slab_size <= self.cfg.capacity
+    def _check_serving(self) -> None:
+        if self.maintenance:
+            raise WireError(BUSY, f"hcached is {self.maintenance}: retry in a moment")
 
     # -- start-up ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -68,7 +77,20 @@ class Store:
             first = (ctx.n_tokens + CHUNK_TOKENS - 1) // CHUNK_TOKENS if ctx else 0
             for ref in self.index.drop_chunks_from(key, first):
                 self.dirs[ref.dir].give_back(ref)
+        self.evictor.loaded(self.contexts.values())
         log.info("index loaded: %d contexts, %d chunks", len(self.contexts), len(chunks))
+
+    def reset(self) -> None:
+        """Forget every context and free every slot, before load() reads a rebuilt index (nothing in use)."""
+        for ctx in self.contexts.values():
+            ctx.deleted = True
+            for s in ctx.streams:
+                for c in s.chunks:
+                    self.cache.drop(c)
+        self.contexts.clear()
+        self.flusher.queue.clear()
+        for d in self.dirs:
+            d.free_all()
 
     # -- contexts ---------------------------------------------------------------------------------
     def get(self, namespace: str, ctx_id: str) -> Context:
@@ -90,6 +112,7 @@ class Store:
             return ctx
         if not create:
             return self.get(namespace, ctx_id)
+        self._check_serving()
         parsed = parse_layers(layers, geometry)
         now = time.time()
         ctx = Context(key, namespace, ctx_id, model, geometry, parsed, now, now)
@@ -105,12 +128,27 @@ class Store:
             ctx.deleted = True
             self.contexts.pop(ctx.key, None)
             freed = await self.index.delete_context(ctx.key)
-        for ref in freed:
-            self.dirs[ref.dir].give_back(ref)
+        await self.space.release(freed)
         for s in ctx.streams:
             for c in s.chunks:
                 if not c.pins and not c.flushing:
                     self.cache.drop(c)
+
+    async def pin(self, ctx: Context, pinned: bool) -> None:
+        """A pinned context is never evicted (capacity, TTL or 'hcachectl evict'); rm still removes it."""
+        await self.index.set_pinned(ctx.key, pinned)
+        ctx.pinned = pinned
+
+    def _check_fits(self, ctx: Context, n_tokens: int) -> None:
+        """Refuse at once a save that could never be stored, even with everything unpinned evicted."""
+        need = sum(s.image_size * len(chunk_range(0, n_tokens)) for s in ctx.streams)
+        pinned = sum(c.disk.slot_size for other in self.contexts.values() if other.pinned and other is not ctx
+                     for s in other.streams for c in s.chunks if c.disk is not None)
+        room = self.space.capacity() - pinned
+        if need > room:
+            raise WireError(OVER_CAPACITY, f"context {ctx.ctx_id!r} would need {format_size(need)} on disk with "
+                                           f"{n_tokens} tokens; capacity less pinned contexts is {format_size(room)}: "
+                                           "raise capacity, unpin contexts, or save fewer tokens")
 
     # -- append -------------------------------------------------------------------------------------
     async def append_lease(self, owner: bytes, ctx: Context, n: int) -> Lease:
@@ -118,11 +156,13 @@ class Store:
             raise WireError(BAD_REQUEST, f"append of {n} tokens: append at least one token")
         if ctx.writer is not None:
             raise WireError(BUSY, f"context {ctx.ctx_id!r} has an append in progress: commit or abort it first")
+        self._check_serving()
         start, end = ctx.n_tokens, ctx.n_tokens + n
         need = len(chunk_range(start, end)) * sum(s.image_size for s in ctx.streams)  # at most; before any state
         if need > self.arena.size // 2:
             raise WireError(OVER_CAPACITY, f"appending {n} tokens needs {need} bytes of arena, more than half of "
                                            f"its {self.arena.size}: append fewer tokens per call or raise --dram")
+        self._check_fits(ctx, end)
         chunks = [s.chunk(i) for s in ctx.streams for i in chunk_range(start, end)]
         ctx.writer = True  # reserved while chunks come in
         try:
@@ -174,7 +214,10 @@ class Store:
         if need > self.arena.size // 2:
             raise WireError(OVER_CAPACITY, f"reading this range needs {need} bytes of arena, more than half of "
                                            f"its {self.arena.size}: read fewer layers or tokens per call")
+        self._check_serving()
+        started = time.perf_counter()
         await self.cache.make_resident(chunks)
+        self.restore_latency.observe(time.perf_counter() - started)
         ctx.accessed = time.time()
         self.bytes_restored += sum(s.token_bytes for s in picked) * (end - start)
         return self.leases.add("read", owner, ctx, chunks, start, end)
@@ -214,20 +257,51 @@ class Store:
         """Clean stop: everything committed becomes durable."""
         await self.flush(list(self.contexts.values()))
         await self.flusher.stop()
+        await self.space.drain()
+
+    def placement(self, ctx: Context) -> dict:
+        """Where a context's chunks are: per stream on disk and in the arena; per data dir the bytes it takes."""
+        per_dir = dict.fromkeys((str(d.path) for d in self.dirs), 0)
+        streams = []
+        for s in ctx.streams:
+            for c in s.chunks:
+                if c.disk is not None:
+                    per_dir[str(self.dirs[c.disk.dir].path)] += c.disk.slot_size
+            streams.append({"layer": s.layer, "rep": s.rep.name.lower(), "chunks": len(s.chunks),
+                            "on_disk": sum(1 for c in s.chunks if c.disk is not None),
+                            "in_arena": sum(1 for c in s.chunks if c.arena_off is not None),
+                            "dirty": sum(1 for c in s.chunks if c.dirty)})
+        expires = ctx.accessed + self.cfg.ttl if self.cfg.ttl and not ctx.pinned else None
+        return {"placement": streams, "disk_bytes": per_dir, "expires": expires}
+
+    def dirty_bytes(self) -> int:
+        return sum(c.stream.image_size for ctx in self.contexts.values() for s in ctx.streams for c in s.chunks
+                   if c.dirty)
 
     def status(self) -> dict:
-        dirty = sum(c.stream.image_size for ctx in self.contexts.values() for s in ctx.streams for c in s.chunks
-                    if c.dirty)
+        cfg = self.cfg
         return {
             "engine": self.engine.name,
             "arena": {"path": str(self.arena.path), "size": self.arena.size, "used": self.arena.used,
-                      "dirty": dirty},
+                      "dirty": self.dirty_bytes()},
             "data_dirs": [
                 {"path": str(d.path), "direct_io": d.direct, "healthy": d.healthy, "error": d.error,
-                 "allocated": d.allocated_bytes, "used": d.used_bytes} for d in self.dirs],
-            "capacity": self.cfg.capacity,
+                 "errors": d.errors, "capacity": self.space.dir_capacity(d), "allocated": d.allocated_bytes,
+                 "used": d.used_bytes} for d in self.dirs],
+            "capacity": self.space.capacity(),
+            "capacity_limit": cfg.capacity,
+            "dir_capacity_limit": cfg.dir_capacity,
+            "used": self.space.used(),
+            "free": self.space.free(),
+            "high_watermark": cfg.high_watermark,
+            "low_watermark": cfg.low_watermark,
+            "ttl": cfg.ttl,
+            "log_level": cfg.log_level,
+            "maintenance": self.maintenance,
             "contexts": len(self.contexts),
+            "pinned": sum(1 for c in self.contexts.values() if c.pinned),
             "leases": len(self.leases),
+            "evictions": dict(self.evictor.counts),
             "bytes_saved": self.bytes_saved,
             "bytes_restored": self.bytes_restored,
             "bytes_written": self.flusher.bytes_written,

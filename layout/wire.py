@@ -13,7 +13,7 @@ PROTOCOL_VERSION = 1
 
 OPS = frozenset(
     {"hello", "open", "append", "commit", "abort", "flush", "read", "release", "stat", "list", "delete",
-     "status"}
+     "status", "pin", "evict", "fsck", "stats"}
 )
 
 # Error codes carried in replies; the client maps each to an HCacheError subclass.

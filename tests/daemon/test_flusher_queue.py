@@ -19,7 +19,7 @@ def _dirty_context() -> Context:
 
 def test_arena_pressure_does_not_queue_a_taken_chunk_for_a_second_batch():
     ctx = _dirty_context()
-    flusher = Flusher(cache=None, dirs=[], index=None, batch_bytes=1 << 40, may_grow=lambda _: True)
+    flusher = Flusher(cache=None, dirs=[], index=None, batch_bytes=1 << 40, space=None)
     flusher.add_all_dirty([ctx])
     first = flusher._take_batch()
     assert len(first) == 9
