@@ -99,11 +99,11 @@ def ago(t: float, now: float | None = None) -> str:
 
 
 def span(seconds: float) -> str:
-    s = max(0.0, seconds)
+    s = max(0, int(seconds))
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= length:
-            return f"{s / length:.0f}{unit}"
-    return f"{s:.0f}s"
+            return f"{s // length}{unit}"
+    return f"{s}s"
 
 
 def progress(what: str) -> Progress:

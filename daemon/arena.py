@@ -28,6 +28,14 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X")
 
 
+def _mode() -> int:
+    """0600, or 0660 when the umask lets the group read and write (the unit's UMask=0007): clients of
+    another user in hcached's group can then map the arena, as they can reach the 0660 socket."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o600 if umask & 0o060 else 0o660
+
+
 class Arena:
     """A shm-backed mmap carved into page-aligned extents (first fit, coalescing free list)."""
 
@@ -35,7 +43,7 @@ class Arena:
         self.size = size // PAGE * PAGE
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"{_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, _mode())
         try:
             os.ftruncate(fd, self.size)
             # MAP_POPULATE pre-faults every page now: first touch is slow and must not hit a save.

@@ -168,3 +168,16 @@ def test_two_arenas_in_one_directory_do_not_collide(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_a_umask_that_shares_with_the_group_makes_the_arena_group_writable(tmp_path):
+    """Under the unit's UMask=0007, clients in hcached's group map the arena as they reach the socket."""
+    old = os.umask(0o007)
+    try:
+        a = Arena(4 * PAGE, tmp_path)
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(a.path).st_mode) == 0o660
+    finally:
+        a.close()
