@@ -16,7 +16,7 @@ from hcache.client.layout import TORCH_DTYPES, ContextInfo, rep_of, stream_bytes
 from hcache.client.shm import ArenaMap
 from hcache.client.transport import Transport
 from hcache.layout.chunks import CHUNK_TOKENS, chunk_image_size, chunk_range, segments
-from hcache.layout.geometry import Geometry, Rep
+from hcache.layout.geometry import PASS_START, TOKEN_RECORD_BYTES, Geometry, Rep
 from hcache.layout.paths import client_endpoint
 
 _LEASE_BYTES = 64 << 20
@@ -104,10 +104,12 @@ class AsyncHCacheClient:
 
     # -- saving -----------------------------------------------------------------------------------
     async def append(self, ctx: str, token_ids: Sequence[int] | torch.Tensor,
-                     data: dict[str, torch.Tensor]) -> int:
+                     data: dict[str, torch.Tensor], passes: Sequence[int] | None = None) -> int:
         """Append tokens to a context with each stored layer's data for them: data["hidden"] is
         [hidden layers, T, hidden_size], data["kv"] is [kv layers, T, 2, n_kv_heads, head_dim], in the
-        context's dtype and layer order. Returns the context's length. Not durable until flush()."""
+        context's dtype and layer order. `passes`: the token counts of the model's forward passes that
+        produced them (default: one pass), so restores can redo the arithmetic in the same pieces.
+        Returns the context's length. Not durable until flush()."""
         info = await self._known(ctx)
         ids = torch.as_tensor(token_ids).reshape(-1)
         n = ids.numel()
@@ -123,7 +125,7 @@ class AsyncHCacheClient:
             if name in data:
                 rep = rep_of(name)
                 per_stream += list(stream_bytes(data[name], len(info.layers[name]), n, info.token_bytes(rep), name))
-        per_stream.append(ids.to(torch.int32).view(torch.uint8).reshape(n, 4))
+        per_stream.append(_token_records(ids, passes).view(torch.uint8))
         step = self._tokens_per_lease(info)
         for start in range(0, n, step):
             await self._append_piece(ctx, [s[start : start + step] for s in per_stream])
@@ -181,11 +183,22 @@ class AsyncHCacheClient:
 
     async def tokens(self, ctx: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         """The context's token ids [start, end) as a LongTensor."""
+        return (await self._token_records(ctx, start, end))[:, 0].to(torch.int64)
+
+    async def forward_passes(self, ctx: str, end: int | None = None) -> list[int]:
+        """Token counts of the forward passes that produced tokens [0, end), in order."""
+        flags = (await self._token_records(ctx, 0, end))[:, 1]
+        starts = (flags & PASS_START).nonzero().reshape(-1).tolist()
+        if not starts or starts[0] != 0:
+            starts.insert(0, 0)
+        return [b - a for a, b in zip(starts, [*starts[1:], flags.numel()], strict=True) if b > a]
+
+    async def _token_records(self, ctx: str, start: int, end: int | None) -> torch.Tensor:
         info = await self.stat(ctx)
         end = info.n_tokens if end is None else end
-        dst = torch.empty((1, end - start, 4), dtype=torch.uint8)
+        dst = torch.empty((1, end - start, TOKEN_RECORD_BYTES), dtype=torch.uint8)
         await self._read_into(ctx, [(info.geometry.num_layers, Rep.TOKENS)], start, end, dst)
-        return dst.view(torch.int32).reshape(-1).to(torch.int64)
+        return dst.view(torch.int32).reshape(end - start, 2)
 
     async def _read_into(self, ctx: str, streams: list[tuple[int, Rep]], start: int, end: int,
                          dst: torch.Tensor) -> None:
@@ -261,3 +274,16 @@ class AsyncHCacheClient:
                 view = arena[off : off + n * tb].view(n, tb)
             views.append((view, t, n))
         return views
+
+
+def _token_records(ids: torch.Tensor, passes: Sequence[int] | None) -> torch.Tensor:
+    """[n, 2] int32: each token's id and flags (PASS_START where a forward pass began)."""
+    n = ids.numel()
+    passes = [n] if passes is None else list(passes)
+    if sum(passes) != n or any(p <= 0 for p in passes):
+        raise BadRequest(f"passes {passes} must be positive token counts adding up to the {n} tokens appended")
+    records = torch.zeros((n, 2), dtype=torch.int32)
+    records[:, 0] = ids
+    starts = torch.tensor([0, *passes[:-1]]).cumsum(0)
+    records[starts, 1] = PASS_START
+    return records

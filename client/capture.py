@@ -61,7 +61,7 @@ class _Sender:
         for ctx, items in by_ctx.items():
             ids = torch.cat([s.ids for s in items])
             data = {k: torch.cat([s.data[k] for s in items], dim=1) for k in items[0].data}
-            self.client.append(ctx, ids, data)
+            self.client.append(ctx, ids, data, passes=[len(s.ids) for s in items])
 
     def close(self) -> None:
         self.steps.put(None)
@@ -84,6 +84,7 @@ class _Capture:
         self.geometry = geometry_of(model)
         self.fingerprint = fingerprint(model, model_id)
         self.info: dict[str, ContextInfo] = {}
+        self._saved: dict[str, int] = {}  # tokens of each context so far, saved or on their way
         self.sender = _Sender(client)
         self._hidden: list[torch.Tensor | None] = [None] * len(self.layers)
         self._ids: torch.Tensor | None = None
@@ -139,23 +140,33 @@ class _Capture:
             if info.layers.get("hidden"):
                 data["hidden"] = torch.stack([hidden[i][row, -t:] for i in info.layers["hidden"]]).cpu()[:, keep]
             if info.layers.get("kv"):
-                data["kv"] = self._step_kv(cache, info.layers["kv"], row, t)[:, keep]
-            self.sender.steps.put(_Step(ctx, ids[row].cpu()[keep], data))
+                data["kv"] = self._step_kv(cache, hidden, info.layers["kv"], row, t, self._saved[ctx])[:, keep]
+            step = _Step(ctx, ids[row].cpu()[keep], data)
+            if len(step.ids):  # a row of padding only adds nothing
+                self._saved[ctx] += len(step.ids)
+                self.sender.steps.put(step)
 
-    def _step_kv(self, cache: object, layers: list[int], row: int, t: int) -> torch.Tensor:
-        """K/V of this step's tokens as [layers, t, 2, n_kv, head_dim], from the model's own cache."""
-        if cache is None:
-            raise BadRequest("capture with store='kv' or 'both' needs the model to return its cache (use_cache=True)")
+    def _step_kv(self, cache: object, hidden: list[torch.Tensor], layers: list[int], row: int, t: int,
+                 first: int) -> torch.Tensor:
+        """K/V of this step's tokens as [layers, t, 2, n_kv, head_dim]: from the model's own cache, or where a
+        sliding-window layer's cache no longer holds them all, projected from the layer's input (bit-identical)."""
+        from hcache.client.projection import project_kv
+
         per_layer = []
         for i in layers:
-            entry = cache.layers[i]
-            kv = torch.stack([entry.keys[row, :, -t:], entry.values[row, :, -t:]]).detach()  # [2, n_kv, t, hd]
-            per_layer.append(kv.permute(2, 0, 1, 3))
+            entry = cache.layers[i] if cache is not None and len(cache.layers) > i else None
+            if entry is not None and entry.keys.shape[2] >= t:
+                k, v = entry.keys[row, :, -t:], entry.values[row, :, -t:]  # [n_kv, t, hd]
+            else:
+                positions = torch.arange(first, first + t, device=hidden[i].device)[None]
+                k, v = (x[0] for x in project_kv(self.model, i, hidden[i][row : row + 1, -t:], positions))
+            per_layer.append(torch.stack([k, v]).detach().permute(2, 0, 1, 3))
         return torch.stack(per_layer).cpu()
 
     def _open(self, ctx: str, t: int) -> ContextInfo:
         info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry, layers=self._layers_to_store(t))
         self.info[ctx] = info
+        self._saved[ctx] = info.n_tokens
         return info
 
     def _layers_to_store(self, t: int) -> dict[str, list[int]]:

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from collections.abc import Sequence
 from functools import reduce
 
 import torch
@@ -66,8 +67,10 @@ def project_kv(model: nn.Module, layer: int, hidden: torch.Tensor, position_ids:
     return k, v
 
 
-def recompute_prefix(model: nn.Module, token_ids: torch.Tensor, n_layers: int) -> list[KV]:
-    """K, V of layers 0..n_layers-1 over all of token_ids [1, n], by running the model's own forward that far."""
+def recompute_prefix(model: nn.Module, token_ids: torch.Tensor, n_layers: int,
+                     passes: Sequence[int] | None = None) -> list[KV]:
+    """K, V of layers 0..n_layers-1 over all of token_ids [1, n], by running the model's own forward that far,
+    in forward passes of the given token counts (default: one) so the arithmetic is the original one."""
     layers = decoder_layers(model)
     if not 0 < n_layers <= len(layers):
         raise ValueError(f"n_layers must be in 1..{len(layers)}, got {n_layers}")
@@ -75,10 +78,16 @@ def recompute_prefix(model: nn.Module, token_ids: torch.Tensor, n_layers: int) -
     cache = DynamicCache()
     handle = layers[n_layers].register_forward_pre_hook(_stop) if n_layers < len(layers) else None
     try:
-        with torch.no_grad():
-            model.base_model(input_ids=token_ids, cache=cache, use_cache=True)  # the base model: no lm_head
-    except _Stop:
-        pass
+        start = 0
+        for n in passes or [token_ids.shape[1]]:
+            mask = torch.ones((1, start + n), dtype=torch.long, device=token_ids.device)  # as generate passes it
+            try:
+                with torch.no_grad():  # the base model: no lm_head
+                    model.base_model(input_ids=token_ids[:, start : start + n], attention_mask=mask, cache=cache,
+                                     use_cache=True)
+            except _Stop:
+                pass
+            start += n
     finally:
         if handle is not None:
             handle.remove()

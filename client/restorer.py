@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 
 import torch
 
@@ -55,6 +56,7 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
     methods = choose_methods(info, method)
     n = info.n_tokens
     token_ids = client.tokens(ctx, 0, n)
+    passes = client.forward_passes(ctx, n)  # redo the model's arithmetic in its own pieces: bit-exact
     device = next(model.parameters()).device
     r = methods.count("RE")
     pending = collections.deque(i for i in range(r, len(methods)))
@@ -71,13 +73,16 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode():
         if r:
-            kv += recompute_prefix(model, token_ids[None].to(device), r)
+            kv += recompute_prefix(model, token_ids[None].to(device), r, passes)
         positions = torch.arange(n, device=device)[None]
+        bounds = [0, *itertools.accumulate(passes)]
         for i in range(r, len(methods)):
             data = reads.pop(i).result()[0].to(device, non_blocking=True)
             start_reads()
             if methods[i] == "H":
-                kv.append(project_kv(model, i, data[None], positions))
+                pieces = [project_kv(model, i, data[None, a:b], positions[:, a:b])
+                          for a, b in itertools.pairwise(bounds)]
+                kv.append((torch.cat([k for k, _ in pieces], 2), torch.cat([v for _, v in pieces], 2)))
             else:  # [T, 2, n_kv, hd] -> K, V as [1, n_kv, T, hd]
                 kv.append((data[:, 0].transpose(0, 1)[None], data[:, 1].transpose(0, 1)[None]))
     return build_cache(model, kv), token_ids[None]

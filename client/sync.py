@@ -60,8 +60,9 @@ class HCacheClient:
              create: bool = True) -> ContextInfo:
         return self._run(self._aio.open(ctx, model=model, geometry=geometry, layers=layers, create=create))
 
-    def append(self, ctx: str, token_ids: Sequence[int] | torch.Tensor, data: dict[str, torch.Tensor]) -> int:
-        return self._run(self._aio.append(ctx, token_ids, data))
+    def append(self, ctx: str, token_ids: Sequence[int] | torch.Tensor, data: dict[str, torch.Tensor],
+               passes: Sequence[int] | None = None) -> int:
+        return self._run(self._aio.append(ctx, token_ids, data, passes))
 
     def flush(self, ctx: str | None = None) -> None:
         self._run(self._aio.flush(ctx))
@@ -78,6 +79,9 @@ class HCacheClient:
 
     def tokens(self, ctx: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         return self._run(self._aio.tokens(ctx, start, end))
+
+    def forward_passes(self, ctx: str, end: int | None = None) -> list[int]:
+        return self._run(self._aio.forward_passes(ctx, end))
 
     def stat(self, ctx: str) -> ContextInfo:
         return self._run(self._aio.stat(ctx))

@@ -4,7 +4,10 @@ from dataclasses import asdict, dataclass
 from enum import IntEnum
 
 DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
-TOKEN_ID_BYTES = 4  # token ids are stored as little-endian int32
+# Per token of a context: its id and flags, little-endian int32 each. PASS_START marks the first token of
+# each forward pass the model ran, so a restore can redo the model's arithmetic in the same pieces.
+TOKEN_RECORD_BYTES = 8
+PASS_START = 1
 
 
 class Rep(IntEnum):
@@ -12,7 +15,7 @@ class Rep(IntEnum):
 
     HIDDEN = 1  # the layer's input hidden state, [T, D]
     KV = 2  # the layer's K and V, per token [2, n_kv, head_dim]
-    TOKENS = 3  # the context's token ids, int32
+    TOKENS = 3  # the context's token ids and flags
 
 
 REP_NAMES = {"hidden": Rep.HIDDEN, "kv": Rep.KV, "tokens": Rep.TOKENS}
@@ -58,7 +61,7 @@ class Geometry:
             return self.hidden_size * self.itemsize
         if rep is Rep.KV:
             return 2 * self.num_kv_heads * self.head_dim * self.itemsize
-        return TOKEN_ID_BYTES
+        return TOKEN_RECORD_BYTES
 
     def to_dict(self) -> dict:
         return asdict(self)

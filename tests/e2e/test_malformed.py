@@ -21,8 +21,8 @@ from tests.e2e.data import GQA, Expected, assert_restores, geometry
 V = wire.PROTOCOL_VERSION
 GEOM = Geometry(num_layers=2, hidden_size=64, num_kv_heads=2, head_dim=16, dtype="float32")
 LAYERS = {"hidden": [0, 1], "kv": [1]}
-# the streams of a context opened with LAYERS: hidden 0, hidden 1, kv 1, then the token ids
-STREAM_BYTES = [64 * 4, 64 * 4, 2 * 2 * 16 * 4, 4]
+# the streams of a context opened with LAYERS: hidden 0, hidden 1, kv 1, then the token records
+STREAM_BYTES = [GEOM.token_bytes(Rep.HIDDEN)] * 2 + [GEOM.token_bytes(Rep.KV), GEOM.token_bytes(Rep.TOKENS)]
 
 
 @pytest.fixture(scope="module")

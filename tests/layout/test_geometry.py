@@ -2,7 +2,7 @@
 
 import pytest
 
-from hcache.layout.geometry import DTYPE_SIZES, TOKEN_ID_BYTES, Geometry, Rep, rep_from_name
+from hcache.layout.geometry import DTYPE_SIZES, TOKEN_RECORD_BYTES, Geometry, Rep, rep_from_name
 
 MHA = dict(num_layers=32, hidden_size=4096, num_kv_heads=32, head_dim=128)  # Llama-2-7B
 GQA = dict(num_layers=32, hidden_size=4096, num_kv_heads=8, head_dim=128)  # Llama-3-8B
@@ -17,7 +17,7 @@ def test_token_bytes_mha(dtype):
     assert g.token_bytes(Rep.HIDDEN) == 4096 * item
     assert g.token_bytes(Rep.KV) == 2 * 32 * 128 * item
     assert g.token_bytes(Rep.KV) == 2 * g.token_bytes(Rep.HIDDEN)  # K and V, each as wide as the hidden state
-    assert g.token_bytes(Rep.TOKENS) == TOKEN_ID_BYTES == 4  # token ids are int32 whatever the model dtype
+    assert g.token_bytes(Rep.TOKENS) == TOKEN_RECORD_BYTES == 8  # int32 id + flags, whatever the model dtype
 
 
 @pytest.mark.parametrize("shape", [GQA, TINY_GQA], ids=["llama3", "tiny"])

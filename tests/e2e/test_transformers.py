@@ -1,0 +1,105 @@
+"""capture() and restore() with real models through the real hcached: every family, fp32 and bf16, every method,
+two rounds, and a daemon killed with SIGKILL between rounds."""
+
+import pytest
+import torch
+
+from hcache.client import HCacheClient
+from hcache.client.projection import decoder_layers
+from hcache.transformers import capture, restore
+from tests.client.test_projection import CONFIGS, DTYPES, VOCAB, model_of
+
+NEW_TOKENS = 32  # generated from each restored cache
+FIRST_ROUND_TOKENS = 8
+PROMPTS = (20, 6, 5)  # user tokens per round
+
+
+def _generate(model: torch.nn.Module, ids: torch.Tensor, cache: object = None, n: int = NEW_TOKENS):
+    out = model.generate(ids, cache=cache, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                         attention_mask=torch.ones_like(ids), pad_token_id=0)
+    return out.sequences, out.cache
+
+
+def _prompt(seed: int, n: int) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _round_ids(rnd: int, seqs: torch.Tensor | None) -> torch.Tensor:
+    """The input of round rnd: the conversation so far plus the user's new tokens."""
+    prompt = _prompt(rnd, PROMPTS[rnd])
+    return prompt if seqs is None else torch.cat([seqs, prompt], 1)
+
+
+def _reference(model: torch.nn.Module, rounds: int) -> list[torch.Tensor]:
+    """A conversation without eviction: each round continues on the model's own cache."""
+    seqs, cache, out = None, None, []
+    for rnd in range(rounds):
+        seqs, cache = _generate(model, _round_ids(rnd, seqs), cache, FIRST_ROUND_TOKENS if rnd == 0 else NEW_TOKENS)
+        out.append(seqs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hcached(tmp_path_factory):
+    from hcache.daemon.process import DaemonProcess
+
+    d = DaemonProcess(tmp_path_factory.mktemp("hcached"), n_dirs=2, dram="256MiB").start()
+    yield d
+    d.cleanup()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_restored_cache_is_the_prefill_cache_bit_for_bit(hcached, family, dtype):
+    model = model_of(family, dtype)
+    ids = _prompt(7, 100)  # more than one 64-token chunk
+    ctx = f"prefill-{family}-{dtype}"
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, ctx, store="both"), torch.no_grad():
+            prefill = model(ids, use_cache=True).cache
+        for method in ("hidden", "kv", "recompute", "auto"):
+            cache, stored = restore(model, client, ctx, method=method)
+            assert torch.equal(stored, ids)
+            for i in range(len(decoder_layers(model))):
+                assert torch.equal(cache.layers[i].keys, prefill.layers[i].keys), (method, i)
+                assert torch.equal(cache.layers[i].values, prefill.layers[i].values), (method, i)
+        client.delete(ctx)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_every_method_continues_the_conversation(hcached, family, dtype):
+    model = model_of(family, dtype)
+    ref = _reference(model, 2)
+    ctx = f"{family}-{dtype}"
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, ctx, store="both"):
+            seqs, _ = _generate(model, _round_ids(0, None), n=FIRST_ROUND_TOKENS)
+        assert torch.equal(seqs, ref[0])
+        n = seqs.shape[1] - 1  # the last generated token has not been through the model yet
+        for method in ("hidden", "kv", "recompute", "auto"):
+            cache, ids = restore(model, client, ctx, method=method)
+            assert torch.equal(ids, seqs[:, :n])
+            got, _ = _generate(model, _round_ids(1, seqs), cache)
+            assert torch.equal(got, ref[1]), method
+        client.delete(ctx)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-mha", "qwen3", "gemma2", "phi3", "opt", "gpt2"])
+def test_auto_plan_over_rounds_survives_sigkill(hcached, family, dtype):
+    model = model_of(family, dtype)
+    ref = _reference(model, len(PROMPTS))
+    ctx = f"auto-{family}-{dtype}"
+    seqs = None
+    for rnd in range(len(PROMPTS)):
+        with HCacheClient(hcached.socket) as client:
+            cache = None
+            if seqs is not None:
+                cache, stored = restore(model, client, ctx)  # method="auto" over what the plan stored
+                assert torch.equal(stored, seqs[:, :-1])
+            with capture(model, client, ctx):  # store="plan", appending from round 2 on
+                seqs, _ = _generate(model, _round_ids(rnd, seqs), cache, FIRST_ROUND_TOKENS if rnd == 0 else NEW_TOKENS)
+        assert torch.equal(seqs, ref[rnd]), f"round {rnd + 1}"
+        hcached.kill()  # durable once capture returned: nothing may be lost
+        hcached.start()
