@@ -133,9 +133,9 @@ class ChunkCache:
                 raise WireError(IO_ERROR, f"reading chunks from disk failed: {e}") from None
             if self.read_throttle and ops:
                 await self._throttle(sum(len(op.buf) for op in ops))
-            for c in chunks:
-                if c.disk is not None:
-                    self._verify(c)
+            # crc32c releases the GIL: checking off the loop keeps other requests moving meanwhile
+            await asyncio.get_running_loop().run_in_executor(None, self._verify_all,
+                                                             [c for c in chunks if c.disk is not None])
         except BaseException as e:
             for c in chunks:
                 self.drop(c)
@@ -153,6 +153,10 @@ class ChunkCache:
         loop = asyncio.get_running_loop()
         self._reads_free_at = max(self._reads_free_at, loop.time()) + nbytes / self.read_throttle
         await asyncio.sleep(self._reads_free_at - loop.time())
+
+    def _verify_all(self, chunks: list[Chunk]) -> None:
+        for c in chunks:
+            self._verify(c)
 
     def _verify(self, c: Chunk) -> None:
         s = c.stream

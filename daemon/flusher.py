@@ -20,6 +20,10 @@ log = logging.getLogger("hcache.daemon.flusher")
 _MAX_BATCHES_IN_FLIGHT = 2
 
 
+def _crcs(payloads: list[memoryview]) -> list[int]:
+    return [payload_crc(p) for p in payloads]
+
+
 class NoSpace(Exception):
     """No data dir can take another chunk."""
 
@@ -145,15 +149,19 @@ class Flusher:
 
     async def _flush_batch(self, batch: list[Chunk]) -> None:
         meta_by_ctx: dict[bytes, dict] = {}
-        written: list[tuple[Chunk, SlotRef, int, int, int]] = []  # chunk, slot, n_tokens, crc, seq
-        ops: list[IoOp] = []
+        placed: list[tuple[Chunk, SlotRef, int]] = []  # n_tokens as of now: commits may go on meanwhile
         try:
             for c in batch:
+                placed.append((c, await self._slot_for(c), c.n_tokens))
+            views = [self.cache.arena.view[c.arena_off : c.arena_off + c.stream.image_size] for c, _, _ in placed]
+            payloads = [v[HEADER_SIZE : HEADER_SIZE + n * c.stream.token_bytes]
+                        for v, (c, _, n) in zip(views, placed, strict=True)]
+            # crc32c releases the GIL: the loop serves requests while a batch is checksummed
+            crcs = await asyncio.get_running_loop().run_in_executor(None, _crcs, payloads)
+            written: list[tuple[Chunk, SlotRef, int, int, int]] = []  # chunk, slot, n_tokens, crc, seq
+            ops: list[IoOp] = []
+            for (c, slot, n), view, crc in zip(placed, views, crcs, strict=True):
                 s = c.stream
-                slot = await self._slot_for(c)
-                n = c.n_tokens
-                view = self.cache.arena.view[c.arena_off : c.arena_off + s.image_size]
-                crc = payload_crc(view[HEADER_SIZE : HEADER_SIZE + n * s.token_bytes])
                 seq = self._next_seq()
                 meta = meta_by_ctx.setdefault(s.ctx.key, s.ctx.meta())
                 dtype = "int32" if s.rep is Rep.TOKENS else s.ctx.geometry.dtype
@@ -164,7 +172,7 @@ class Flusher:
                 written.append((c, slot, n, crc, seq))
             await self._write(ops, written)
         except BaseException:
-            for _, slot, *_ in written:
+            for _, slot, _ in placed:
                 self.dirs[slot.dir].give_back(slot)
             raise
         await self._commit(written)
