@@ -65,7 +65,14 @@ class Evictor:
         return freed
 
     async def make_room(self, slot_size: int) -> bool:
-        """The flusher found no slot: evict the least recently used context; False when none may go."""
+        """The flusher found no slot: evict the least recently used context; False when none may go.
+
+        Slab files are never shrunk, so when no data dir has any of this slot size, freeing slots of other
+        sizes cannot help: nothing is evicted for nothing."""
+        if not any(d.healthy and d.holds(slot_size) for d in self.store.dirs):
+            log.warning("no room for chunks of %d bytes: capacity is taken by slab files of other chunk sizes "
+                        "(other models); raise capacity", slot_size)
+            return False
         for ctx in self.candidates():
             if not ctx.deleted and not busy(ctx):
                 await self.evict(ctx, "capacity")

@@ -126,6 +126,11 @@ class DataDir:
         return [(size, n, self.path / "slabs" / str(size) / f"{n}.slab")
                 for size, cls in sorted(self._classes.items()) for n in range(len(cls.fds))]
 
+    def holds(self, slot_size: int) -> bool:
+        """Whether slab files of this slot size exist here (so freeing slots can make room for one)."""
+        cls = self._classes.get(slot_size)
+        return cls is not None and bool(cls.fds)
+
     def slots_per_file(self, slot_size: int) -> int:
         return self._classes[slot_size].slots_per_file
 
