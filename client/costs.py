@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,9 @@ DEVICES = ("cuda", "cpu")
 ASSUMED_FLOPS = {"cuda": 100e12, "cpu": 0.5e12}
 ASSUMED_BANDWIDTH = 2e9  # bytes/s: one NVMe SSD (hcached measured 1.3-2.9 GB/s on its reference host)
 ASSUMED_LATENCY = 100e-6  # seconds per read request: a ZeroMQ round trip plus queueing
+# seconds a layer's projection costs per call beyond its FLOPs (kernel launches, framework overhead); a
+# recompute runs some 8x as many kernels (norms, Q, K, V, O, attention, MLP, residuals)
+ASSUMED_CALL = {"cuda": 20e-6, "cpu": 100e-6}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -66,6 +70,14 @@ class Profile:
             return _poly(self.io, t * self.geometry.token_bytes(rep))
 
         return LayerCosts(_poly(self.c_h, t), _poly(self.c_tok, t), read(Rep.HIDDEN), read(Rep.KV))
+
+    def for_passes(self, passes: int) -> Profile:
+        """The costs of restoring a context the model built in `passes` forward passes: exact restores project
+        and recompute pass by pass, so each layer pays the per-call constant once per pass."""
+        if passes < 1:
+            raise ValueError(f"passes must be >= 1, got {passes}")
+        per_pass = (*self.c_h[:-1], self.c_h[-1] * passes), (*self.c_tok[:-1], self.c_tok[-1] * passes)
+        return dataclasses.replace(self, c_h=per_pass[0], c_tok=per_pass[1])
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PROFILE_VERSION, "fingerprint": self.fingerprint, "source": self.source,
@@ -129,7 +141,8 @@ def analytical_profile(geometry: Geometry, *, device: str = "cuda", flops: float
     kv_dim = geometry.num_kv_heads * geometry.head_dim
     inter = 8 * d / 3 if intermediate_size is None else intermediate_size
     per_token = 4 * d * d + 4 * d * kv_dim + 6 * d * inter
-    return Profile(geometry, c_h=(4 * d * kv_dim / rate, 0.0), c_tok=(2 * d / rate, per_token / rate, 0.0),
+    call = ASSUMED_CALL[device]
+    return Profile(geometry, c_h=(4 * d * kv_dim / rate, call), c_tok=(2 * d / rate, per_token / rate, 8 * call),
                    io=(1 / bandwidth, latency), device=device, source="analytical")
 
 

@@ -18,8 +18,9 @@ _LAYERS_IN_FLIGHT = 3
 _REP = {"H": "hidden", "KV": "kv"}
 
 
-def choose_methods(info: ContextInfo, method: str) -> list[str]:
-    """Per layer "RE", "H" or "KV": one method for all, or the planner's fastest plan over what is stored."""
+def choose_methods(info: ContextInfo, method: str, passes: int = 1, device: str | None = None) -> list[str]:
+    """Per layer "RE", "H" or "KV": one method for all, or the planner's fastest plan over what is stored, for a
+    context the model built in `passes` forward passes, restored on `device`."""
     n = info.geometry.num_layers
     have = {"H": set(info.layers.get("hidden", [])), "KV": set(info.layers.get("kv", []))}
     if method == "recompute":
@@ -34,10 +35,12 @@ def choose_methods(info: ContextInfo, method: str) -> list[str]:
         return [code] * n
     if method != "auto":
         raise BadRequest(f"method={method!r}: use one of {METHODS}")
+    from hcache.client.costs import profile_for
     from hcache.client.planner import plan
 
     available = [{code for code in ("H", "KV") if i in have[code]} for i in range(n)]
-    return plan(info.geometry, info.n_tokens, available=available).methods
+    profile = profile_for(info.geometry, device).for_passes(passes)
+    return plan(info.geometry, info.n_tokens, available=available, profile=profile).methods
 
 
 def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str = "auto",
@@ -53,11 +56,11 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
     if info.model != want or info.geometry != geometry_of(model):
         raise ModelMismatch(f"context {ctx!r} was saved by model {info.model} ({info.geometry}); this model is "
                             f"{want} ({geometry_of(model)}): restore with the model that saved it")
-    methods = choose_methods(info, method)
     n = info.n_tokens
     token_ids = client.tokens(ctx, 0, n)
     passes = client.forward_passes(ctx, n)  # redo the model's arithmetic in its own pieces: bit-exact
     device = next(model.parameters()).device
+    methods = choose_methods(info, method, len(passes), device.type)
     r = methods.count("RE")
     pending = collections.deque(i for i in range(r, len(methods)))
     reads: dict[int, concurrent.futures.Future] = {}

@@ -76,7 +76,8 @@ def _every_plan(available):
 
 def test_recompute_prefix_shrinks_as_contexts_grow():
     profile = _profile(MHA, "io-bound")
-    prefixes = [plan(MHA, t, profile=profile).recompute_prefix for t in (64, 1024, 16384, 131072)]
+    # from 1k tokens on, where recompute's T² term (not its per-call overhead) is what grows
+    prefixes = [plan(MHA, t, profile=profile).recompute_prefix for t in (1024, 4096, 16384, 131072)]
     assert prefixes == sorted(prefixes, reverse=True)
     assert prefixes[0] > prefixes[-1] > 0
 
@@ -206,3 +207,14 @@ def test_cli_plans_from_a_config(tmp_path):
 def test_planning_does_not_load_torch():
     code = "import sys, hcache.cli.plan, hcache.client.planner; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_contexts_built_by_many_decode_steps_plan_fewer_recomputes():
+    """Exact restores redo each forward pass: a context of 500 one-token decode steps makes recompute and
+    projection pay their per-call cost 500 times, and reads win."""
+    profile = _profile(MHA, "balanced")
+    one_pass = plan(MHA, 1024, profile=profile)
+    decoded = plan(MHA, 1024, profile=profile.for_passes(500))
+    assert decoded.methods.count("KV") > one_pass.methods.count("KV")
+    assert decoded.methods.count("H") < one_pass.methods.count("H")
+    assert decoded.makespan <= min(p.makespan for p in decoded.baselines().values() if p is not None)
