@@ -1,68 +1,162 @@
-"""make demo: start hcached on a temporary directory, save a two-round context, restore it, stop the daemon."""
+"""make demo: a three-round chat with SmolLM2-135M-Instruct whose context lives in hcached between rounds.
 
+Round 1 is generated under capture(); after each round the model's own cache is dropped. Every later round
+restores the context by each method (recompute, kv, hidden, auto), prints its restore time and time to first
+token, checks that all methods give the same greedy reply, and grows the context with that round (append).
+The daemon is killed with SIGKILL and restarted between rounds 2 and 3: the context comes back from disk.
+Exits non-zero if the methods disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script (make demo): make `examples` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import torch
 
+from examples.smollm2 import ModelUnavailable, load
 from hcache.client import HCacheClient
 from hcache.daemon.process import DaemonProcess
-from hcache.layout.geometry import Geometry
-from hcache.layout.units import format_size
+from hcache.transformers import capture, restore
 
-# A Llama-2-7B layer (4096 wide, 32 KV heads) cut down to 4 layers so the demo runs anywhere.
-GEOMETRY = Geometry(num_layers=4, hidden_size=4096, num_kv_heads=32, head_dim=128, dtype="bfloat16")
-LAYERS = {"hidden": [0, 1, 2], "kv": [3]}  # what a plan might choose: hidden for most layers, K/V for one
-
-
-def round_data(n: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    g = GEOMETRY
-    ids = torch.randint(0, 32_000, (n,), generator=gen)
-    hidden = torch.randn(len(LAYERS["hidden"]), n, g.hidden_size, generator=gen).to(torch.bfloat16)
-    kv = torch.randn(len(LAYERS["kv"]), n, 2, g.num_kv_heads, g.head_dim, generator=gen).to(torch.bfloat16)
-    return ids, {"hidden": hidden, "kv": kv}
+CTX = "chat-42"
+TURNS = ["Suggest a name for a black cat.", "Why is that a good name?", "Write a short poem about the cat."]
+METHODS = ("recompute", "kv", "hidden", "auto")
+CAPTURED_BY = "auto"  # the method whose generation is captured (appended): last, so the others see the old context
+NEW_TOKENS = 30
 
 
-def main() -> None:
-    gen = torch.Generator().manual_seed(0)
+class Chat:
+    def __init__(self, model: torch.nn.Module, tokenizer: object) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.messages: list[dict[str, str]] = []
+
+    def ids(self) -> torch.Tensor:
+        """The whole conversation so far, templated, ending with the assistant's turn to speak."""
+        out = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, return_tensors="pt")
+        return out["input_ids"]
+
+    def generate(self, ids: torch.Tensor, cache: object = None, n: int = NEW_TOKENS) -> tuple[torch.Tensor, object]:
+        out = self.model.generate(ids, cache=cache, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                                  attention_mask=torch.ones_like(ids), pad_token_id=self.tokenizer.pad_token_id)
+        return out.sequences, out.cache
+
+    def reply_of(self, seq: torch.Tensor, prompt_len: int) -> str:
+        """The reply as text, unstripped: templated again next round, it must give back the same tokens."""
+        return self.tokenizer.decode(seq[0, prompt_len:], skip_special_tokens=True)
+
+
+def restored_round(chat: Chat, client: HCacheClient, ids: torch.Tensor, method: str) -> tuple[torch.Tensor, dict]:
+    """Restore the context by `method`, continue the conversation; (sequence, timings). TTFT = restore + the
+    forward of the new tokens that yields the first reply token; the rest of the reply continues on that cache."""
+    t0 = time.perf_counter()
+    cache, ctx_ids = restore(chat.model, client, CTX, method=method)
+    t1 = time.perf_counter()
+    n = ctx_ids.shape[1]
+    if not torch.equal(ids[:, :n], ctx_ids):
+        raise SystemExit(f"demo: the restored context ({n} tokens) is not a prefix of the conversation")
+    first, cache = chat.generate(torch.cat([ctx_ids, ids[:, n:]], 1), cache, n=1)
+    t2 = time.perf_counter()
+    seq, _ = chat.generate(first, cache, n=NEW_TOKENS - 1)
+    return seq, {"restored": n, "new": ids.shape[1] - n, "restore_ms": (t1 - t0) * 1e3, "ttft_ms": (t2 - t0) * 1e3}
+
+
+def show_reply(text: str) -> None:
+    print(textwrap.indent(textwrap.fill(text.strip(), 96), "    assistant> "))
+
+
+def main() -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    t = time.perf_counter()
+    try:
+        model, tokenizer = load()
+    except ModelUnavailable as e:
+        print(f"demo: SmolLM2 is not available: {e}", file=sys.stderr)
+        return 2
+    # Leave a core to hcached: torch's spinning threads slow down many-fold when they must share every core.
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1)))
+    cfg = model.config
+    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - t:.1f} s ({cfg.num_hidden_layers} layers, "
+          f"{cfg.num_attention_heads} heads, {cfg.num_key_value_heads} KV heads, {model.dtype}); "
+          f"torch on {torch.get_num_threads()} thread(s)")
+    chat = Chat(model, tokenizer)
+    failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hcache-demo-", dir="/var/tmp") as root:
-        daemon = DaemonProcess(Path(root), n_dirs=2, dram="512MiB", slab_size="64MiB").start()
-        print(f"started hcached (pid {daemon.proc.pid}) on {root} with 2 data dirs, socket {daemon.socket}")
+        daemon = DaemonProcess(Path(root), n_dirs=2, dram="512MiB", slab_size="64MiB")
         try:
-            saved = []
-            with HCacheClient(daemon.socket) as client:
-                print(f"io engine: {client.status()['engine']}")
-                client.open("chat-42", model="demo-llama-4L", geometry=GEOMETRY, layers=LAYERS)
-                for rnd, n in enumerate((1000, 300), start=1):
-                    ids, data = round_data(n, gen)
-                    saved.append((ids, data))
-                    t = time.perf_counter()
-                    total = client.append("chat-42", ids, data)
-                    client.flush("chat-42")
-                    nbytes = sum(v.numel() * v.element_size() for v in data.values())
-                    print(f"round {rnd}: saved {n} tokens ({format_size(nbytes)}) in "
-                          f"{(time.perf_counter() - t) * 1e3:.0f} ms, durable; context holds {total} tokens")
-            daemon.restart()
-            print("restarted hcached: the arena is empty, everything comes back from disk")
-            with HCacheClient(daemon.socket) as client:
-                t = time.perf_counter()
-                hidden = client.restore("chat-42", "hidden")
-                kv = client.restore("chat-42", "kv")
-                tokens = client.tokens("chat-42")
-                ms = (time.perf_counter() - t) * 1e3
-                ok = (torch.equal(hidden, torch.cat([d["hidden"] for _, d in saved], 1))
-                      and torch.equal(kv, torch.cat([d["kv"] for _, d in saved], 1))
-                      and torch.equal(tokens, torch.cat([ids for ids, _ in saved])))
-                print(f"restored {tokens.numel()} tokens: hidden {list(hidden.shape)}, kv {list(kv.shape)} "
-                      f"in {ms:.0f} ms — bit-exact: {ok}")
-                if not ok:
-                    raise SystemExit("demo: restored data differs from what was saved")
+            daemon.start()
+            print(f"started hcached (pid {daemon.proc.pid}) on {root}, 2 data dirs")
+            for rnd, turn in enumerate(TURNS, start=1):
+                chat.messages.append({"role": "user", "content": turn})
+                ids = chat.ids()
+                print(f"\nround {rnd}  user> {turn}")
+                with HCacheClient(daemon.socket) as client:
+                    if rnd == 1:
+                        t0 = time.perf_counter()
+                        with capture(model, client, CTX, store="both"):
+                            seq, _ = chat.generate(ids)
+                        print(f"  prefill {ids.shape[1]} tokens + {seq.shape[1] - ids.shape[1]} generated in "
+                              f"{(time.perf_counter() - t0) * 1e3:.0f} ms under capture(store='both')")
+                    else:
+                        seq, same = restore_every_way(chat, client, ids)
+                        if not same:
+                            failures.append(f"round {rnd}: the methods gave different replies")
+                    show_reply(chat.reply_of(seq, ids.shape[1]))
+                    held = client.stat(CTX).n_tokens
+                    print(f"  hcached holds {held} tokens of {CTX!r} (all but the reply's last, not yet through the "
+                          "model); the model's own cache is dropped")
+                chat.messages.append({"role": "assistant", "content": chat.reply_of(seq, ids.shape[1])})
+                if rnd == 2:
+                    daemon.kill()
+                    daemon.start()
+                    with HCacheClient(daemon.socket) as client:
+                        after = client.stat(CTX).n_tokens
+                    print(f"  kill -9 hcached, restarted (pid {daemon.proc.pid}): {CTX!r} holds {after} tokens")
+                    if after != held:
+                        failures.append(f"after kill -9 {CTX!r} holds {after} tokens, not {held}")
         finally:
-            daemon.stop()
-            daemon.cleanup()
-            print("stopped hcached")
+            daemon.cleanup()  # SIGTERM: a clean stop, the arena file goes too
+            print("\nstopped hcached")
+    for f in failures:
+        print(f"demo: FAILED: {f}", file=sys.stderr)
+    if not failures:
+        print("every method restored the context and gave the same replies, across a kill -9 of hcached")
+    return 1 if failures else 0
+
+
+def restore_every_way(chat: Chat, client: HCacheClient, ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Continue the conversation from the context restored by each method; (the reply, whether all agree)."""
+    results: dict[str, tuple[torch.Tensor, dict]] = {}
+    for method in METHODS:
+        if method == CAPTURED_BY:  # this round's tokens are appended to the context for the next round
+            with capture(chat.model, client, CTX, store="both"):  # keep every method possible
+                results[method] = restored_round(chat, client, ids, method)
+        else:
+            results[method] = restored_round(chat, client, ids, method)
+    first = results[METHODS[0]][1]
+    print(f"  restored {first['restored']} tokens + {first['new']} new tokens:")
+    print(f"  {'method':<10} {'restore ms':>10} {'TTFT ms':>8}  reply")
+    ref = results[METHODS[0]][0]
+    same = True
+    for method, (seq, t) in results.items():
+        agree = torch.equal(seq, ref)
+        same &= agree
+        print(f"  {method:<10} {t['restore_ms']:>10.0f} {t['ttft_ms']:>8.0f}  {'same' if agree else 'DIFFERENT'}"
+              + ("  (captured: appended)" if method == CAPTURED_BY else ""))
+    if not same:
+        for method, (seq, _) in results.items():
+            print(f"  {method}: {chat.reply_of(seq, ids.shape[1])!r}")
+    return ref, same
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

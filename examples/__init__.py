@@ -1,0 +1,1 @@
+"""Runnable examples of hcache with real models (`make demo`)."""
