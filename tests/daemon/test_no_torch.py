@@ -27,7 +27,9 @@ def test_every_daemon_and_layout_module_leaves_torch_out():
     modules = ["hcache.daemon.arena", "hcache.daemon.cache", "hcache.daemon.config", "hcache.daemon.contexts",
                "hcache.daemon.flusher", "hcache.daemon.index", "hcache.daemon.io_engine", "hcache.daemon.leases",
                "hcache.daemon.process", "hcache.daemon.slabs", "hcache.daemon.store", "hcache.daemon.thread_engine",
-               "hcache.daemon.uring_engine",
+               "hcache.daemon.uring_engine", "hcache.daemon.config_sources", "hcache.daemon.eviction",
+               "hcache.daemon.fsck", "hcache.daemon.logs", "hcache.daemon.metrics", "hcache.daemon.notify",
+               "hcache.daemon.space",
                "hcache.layout.chunks", "hcache.layout.geometry", "hcache.layout.keys", "hcache.layout.paths",
                "hcache.layout.units", "hcache.layout.wire"]
     assert _torch_modules_after(*modules) == []
