@@ -57,6 +57,8 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
         raise ModelMismatch(f"context {ctx!r} was saved by model {info.model} ({info.geometry}); this model is "
                             f"{want} ({geometry_of(model)}): restore with the model that saved it")
     n = info.n_tokens
+    if n == 0:
+        raise BadRequest(f"context {ctx!r} holds no tokens yet: there is nothing to restore")
     token_ids = client.tokens(ctx, 0, n)
     passes = client.forward_passes(ctx, n)  # redo the model's arithmetic in its own pieces: bit-exact
     device = next(model.parameters()).device
@@ -72,6 +74,19 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
                               pin_memory=device.type == "cuda")
             reads[i] = client.restore_future(ctx, _REP[methods[i]], [i], 0, n, out)
 
+    # On CUDA, host-to-device copies run on a stream of their own: layer i+1 crosses PCIe while layer i is
+    # projected. The pinned host tensor rides along until its copy is waited for.
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def fetch(i: int) -> tuple[torch.Tensor, object]:
+        host = reads.pop(i).result()[0]
+        start_reads()
+        if copy_stream is None:
+            return host, None
+        with torch.cuda.stream(copy_stream):
+            data = host.to(device, non_blocking=True)
+        return data, (copy_stream.record_event(), host)
+
     start_reads()
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode():
@@ -79,9 +94,13 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
             kv += recompute_prefix(model, token_ids[None].to(device), r, passes)
         positions = torch.arange(n, device=device)[None]
         bounds = [0, *itertools.accumulate(passes)]
+        nxt = fetch(r) if r < len(methods) else None
         for i in range(r, len(methods)):
-            data = reads.pop(i).result()[0].to(device, non_blocking=True)
-            start_reads()
+            data, copied = nxt
+            nxt = fetch(i + 1) if i + 1 < len(methods) else None
+            if copied is not None:
+                torch.cuda.current_stream(device).wait_event(copied[0])
+                data.record_stream(torch.cuda.current_stream(device))
             if methods[i] == "H":
                 pieces = [project_kv(model, i, data[None, a:b], positions[:, a:b])
                           for a, b in itertools.pairwise(bounds)]
