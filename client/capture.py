@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,6 +18,11 @@ from hcache.client.sync import HCacheClient
 STORE_CHOICES = ("plan", "hidden", "kv", "both")
 
 
+_BATCH_BYTES = 8 << 20
+_MAX_DELAY_S = 0.5
+_DUE = object()  # the sender's wake-up when held-back steps have waited long enough
+
+
 @dataclass
 class _Step:
     """One forward pass of one batch row: its new tokens and each stored layer's data for them."""
@@ -24,6 +30,10 @@ class _Step:
     ctx: str
     ids: torch.Tensor
     data: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.data.values())
 
 
 @dataclass
@@ -40,19 +50,32 @@ class _Sender:
         self.thread.start()
 
     def _run(self) -> None:
-        done = False
-        while not done:
-            batch = [self.steps.get()]
-            with contextlib.suppress(queue.Empty):  # coalesce what piled up: fewer, larger appends
-                while True:
-                    batch.append(self.steps.get_nowait())
-            done = None in batch
-            steps = [s for s in batch if s is not None]
-            if steps and self.error is None:
-                try:
-                    self._append(steps)
-                except BaseException as e:  # raised to the caller when the capture block ends
-                    self.error = e
+        # Steps are held back until they are worth an append (or have waited long enough): one append per
+        # decode step kept the daemon and this thread busy on the cores the model decodes on.
+        pending: list[_Step] = []
+        size, deadline = 0, 0.0
+        while True:
+            try:
+                step = self.steps.get(timeout=max(0.0, deadline - time.monotonic()) if pending else None)
+            except queue.Empty:
+                step = _DUE
+            if isinstance(step, _Step):
+                if not pending:
+                    deadline = time.monotonic() + _MAX_DELAY_S
+                pending.append(step)
+                size += step.nbytes
+            if pending and (step is None or step is _DUE or size >= _BATCH_BYTES):
+                self._send(pending)
+                pending, size = [], 0
+            if step is None:
+                return
+
+    def _send(self, steps: list[_Step]) -> None:
+        if self.error is None:
+            try:
+                self._append(steps)
+            except BaseException as e:  # raised to the caller when the capture block ends
+                self.error = e
 
     def _append(self, steps: list[_Step]) -> None:
         by_ctx: dict[str, list[_Step]] = {}
