@@ -9,6 +9,7 @@ import itertools
 
 import torch
 
+from hcache.client.costs import Profile
 from hcache.client.errors import BadRequest, ModelMismatch
 from hcache.client.layout import ContextInfo
 from hcache.client.sync import HCacheClient
@@ -18,9 +19,11 @@ _LAYERS_IN_FLIGHT = 3
 _REP = {"H": "hidden", "KV": "kv"}
 
 
-def choose_methods(info: ContextInfo, method: str, passes: int = 1, device: str | None = None) -> list[str]:
+def choose_methods(info: ContextInfo, method: str, passes: int = 1, device: str | None = None,
+                   profile: Profile | None = None) -> list[str]:
     """Per layer "RE", "H" or "KV": one method for all, or the planner's fastest plan over what is stored, for a
-    context the model built in `passes` forward passes, restored on `device`."""
+    context the model built in `passes` forward passes, restored on `device` (costs: `profile`, else this host's
+    measured profile, else the analytical one)."""
     n = info.geometry.num_layers
     have = {"H": set(info.layers.get("hidden", [])), "KV": set(info.layers.get("kv", []))}
     if method == "recompute":
@@ -38,13 +41,14 @@ def choose_methods(info: ContextInfo, method: str, passes: int = 1, device: str 
     from hcache.client.costs import profile_for
     from hcache.client.planner import plan
 
+
     available = [{code for code in ("H", "KV") if i in have[code]} for i in range(n)]
-    profile = profile_for(info.geometry, device).for_passes(passes)
+    profile = (profile or profile_for(info.geometry, device)).for_passes(passes)
     return plan(info.geometry, info.n_tokens, available=available, profile=profile).methods
 
 
 def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str = "auto",
-            model_id: str | None = None) -> tuple[object, torch.Tensor]:
+            model_id: str | None = None, profile: Profile | None = None) -> tuple[object, torch.Tensor]:
     """A transformers cache holding context `ctx`, and its tokens as a LongTensor [1, n]; continue with
     model.generate(torch.cat([token_ids, new_ids], 1), cache=cache)."""
     from hcache.client.projection import build_cache, fingerprint, geometry_of, project_kv, recompute_prefix
@@ -62,7 +66,7 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
     token_ids = client.tokens(ctx, 0, n)
     passes = client.forward_passes(ctx, n)  # redo the model's arithmetic in its own pieces: bit-exact
     device = next(model.parameters()).device
-    methods = choose_methods(info, method, len(passes), device.type)
+    methods = choose_methods(info, method, len(passes), device.type, profile)
     r = methods.count("RE")
     pending = collections.deque(i for i in range(r, len(methods)))
     reads: dict[int, concurrent.futures.Future] = {}
@@ -94,10 +98,12 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
             kv += recompute_prefix(model, token_ids[None].to(device), r, passes)
         positions = torch.arange(n, device=device)[None]
         bounds = [0, *itertools.accumulate(passes)]
-        nxt = fetch(r) if r < len(methods) else None
+        ahead = None
         for i in range(r, len(methods)):
-            data, copied = nxt
-            nxt = fetch(i + 1) if i + 1 < len(methods) else None
+            data, copied = ahead or fetch(i)
+            ahead = None
+            if copy_stream is not None and i + 1 < len(methods) and reads[i + 1].done():
+                ahead = fetch(i + 1)  # its copy to the GPU overlaps this layer's projection; never wait for it
             if copied is not None:
                 torch.cuda.current_stream(device).wait_event(copied[0])
                 data.record_stream(torch.cuda.current_stream(device))

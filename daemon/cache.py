@@ -125,6 +125,7 @@ class ChunkCache:
                     ops.append(IoOp(d.fd(c.disk), view, d.offset(c.disk)))
                     op_dirs.append(d)
             self.misses += len(ops)
+            started = asyncio.get_running_loop().time()
             try:
                 await self.engine.read(ops)
             except OSError as e:
@@ -132,7 +133,7 @@ class ChunkCache:
                     op_dirs[i].errors += 1
                 raise WireError(IO_ERROR, f"reading chunks from disk failed: {e}") from None
             if self.read_throttle and ops:
-                await self._throttle(sum(len(op.buf) for op in ops))
+                await self._throttle(sum(len(op.buf) for op in ops), started)
             # crc32c releases the GIL: checking off the loop keeps other requests moving meanwhile
             await asyncio.get_running_loop().run_in_executor(None, self._verify_all,
                                                              [c for c in chunks if c.disk is not None])
@@ -149,9 +150,11 @@ class ChunkCache:
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
-    async def _throttle(self, nbytes: int) -> None:
+    async def _throttle(self, nbytes: int, started: float) -> None:
+        """Hold a read back until a disk of read_throttle bytes/s, busy with earlier reads, would have done it:
+        a cap on the rate (the real read's time counts towards it), not a delay added to it."""
         loop = asyncio.get_running_loop()
-        self._reads_free_at = max(self._reads_free_at, loop.time()) + nbytes / self.read_throttle
+        self._reads_free_at = max(self._reads_free_at, started) + nbytes / self.read_throttle
         await asyncio.sleep(self._reads_free_at - loop.time())
 
     def _verify_all(self, chunks: list[Chunk]) -> None:
