@@ -18,8 +18,9 @@ from hcache.client.sync import HCacheClient
 STORE_CHOICES = ("plan", "hidden", "kv", "both")
 
 
-_BATCH_BYTES = 8 << 20
-_MAX_DELAY_S = 0.5
+# Held-back steps are bounded in host memory and in age; leaving the block sends the rest.
+_BATCH_BYTES = 32 << 20
+_MAX_DELAY_S = 5.0
 _DUE = object()  # the sender's wake-up when held-back steps have waited long enough
 
 
@@ -155,13 +156,17 @@ class _Capture:
         if b != len(self.ctxs):
             raise BadRequest(f"capture got {len(self.ctxs)} context ids for a batch of {b} rows: give one id per row")
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-        mask = self._mask[:, -t:].bool() if self._mask is not None else None
+        mask = self._mask[:, -t:].bool().cpu() if self._mask is not None else None
+        stacked: dict[tuple[int, ...], torch.Tensor] = {}  # one copy per step for all rows: [layers, B, t, D]
         for row, ctx in enumerate(self.ctxs):
             info = self.info.get(ctx) or self._open(ctx, t)
-            keep = mask[row].cpu() if mask is not None else slice(None)
+            keep = mask[row] if mask is not None and not bool(mask[row].all()) else slice(None)
             data: dict[str, torch.Tensor] = {}
             if info.layers.get("hidden"):
-                data["hidden"] = torch.stack([hidden[i][row, -t:] for i in info.layers["hidden"]]).cpu()[:, keep]
+                layers = tuple(info.layers["hidden"])
+                if layers not in stacked:
+                    stacked[layers] = torch.stack([hidden[i][:, -t:] for i in layers]).cpu()
+                data["hidden"] = stacked[layers][:, row, keep]
             if info.layers.get("kv"):
                 data["kv"] = self._step_kv(cache, hidden, info.layers["kv"], row, t, self._saved[ctx])[:, keep]
             step = _Step(ctx, ids[row].cpu()[keep], data)
