@@ -8,7 +8,6 @@ import json
 import math
 import mmap
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from report import git_info, host_info
 
 from hcache.client import HCacheClient
 from hcache.daemon.process import DaemonProcess
@@ -223,29 +223,6 @@ def open_disk(path: Path, size: int, direct: bool) -> Disk:
 
 
 # -- report ---------------------------------------------------------------------------------------
-def host_info(directory: Path) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal:"))
-    fs = subprocess.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", str(directory)], capture_output=True, text=True,
-                        check=False).stdout.split()
-    return {"hostname": platform.node(), "cpu_count": os.cpu_count(), "cpu_model": cpu, "mem_total": mem,
-            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
-            "fs_type": fs[0] if fs else "", "fs_source": fs[1] if len(fs) > 1 else ""}
-
-
-def git_info() -> dict:
-    """The commit measured, and whether the working tree differed from it (product code moves fast)."""
-    repo = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        run = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
-        return run.stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 

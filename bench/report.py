@@ -1,0 +1,32 @@
+"""What every benchmark result records about where it ran: the host and the commit measured."""
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def host_info(directory: Path) -> dict:
+    """CPU, memory, kernel, Python and torch versions, and the file system holding `directory`."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal:"))
+    fs = subprocess.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", str(directory)], capture_output=True, text=True,
+                        check=False).stdout.split()
+    return {"hostname": platform.node(), "cpu_count": os.cpu_count(), "cpu_model": cpu, "mem_total": mem,
+            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
+            "fs_type": fs[0] if fs else "", "fs_source": fs[1] if len(fs) > 1 else ""}
+
+
+def git_info() -> dict:
+    """The commit measured, and whether the working tree differed from it (product code moves fast)."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+        return run.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
