@@ -1,7 +1,6 @@
 """Leases do not outlive their clients: a client process that dies, or that never commits, does not block a
 context for long, and released read leases leave nothing open."""
 
-import itertools
 import json
 import subprocess
 import sys
@@ -10,13 +9,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import zmq
 
 from hcache.client import Busy, HCacheClient
 from hcache.daemon.process import DaemonProcess
 from hcache.layout import wire
 from hcache.layout.geometry import Rep
 from tests.e2e.data import MHA, Expected, assert_restores, geometry
+from tests.e2e.raw import Raw
 
 V = wire.PROTOCOL_VERSION
 
@@ -42,27 +41,6 @@ for request in json.loads(sys.argv[2]):
 sys.stdin.read()
 os._exit(0)
 """
-
-
-class Raw:
-    """A raw DEALER connection in this process: one client identity, no pid given."""
-
-    def __init__(self, d: DaemonProcess) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(f"ipc://{d.socket}")
-        self._ids = itertools.count(1)
-
-    def call(self, op: str, **fields: object) -> dict:
-        call_id = next(self._ids)
-        self.sock.send(wire.encode({"v": V, "op": op, "id": call_id, **fields}))
-        assert self.sock.poll(10_000), f"no reply to {op!r}"
-        reply = wire.decode(self.sock.recv_multipart()[0])
-        assert reply["id"] == call_id
-        return reply
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def start_child(d: DaemonProcess, requests: list[dict]) -> tuple[subprocess.Popen, list[dict]]:

@@ -17,6 +17,7 @@ from hcache.layout import wire
 from hcache.layout.geometry import Geometry, Rep
 from hcache.layout.wire import BAD_LEASE, BAD_REQUEST, BUSY, MODEL_MISMATCH, OVER_CAPACITY, UNKNOWN_CONTEXT
 from tests.e2e.data import GQA, Expected, assert_restores, geometry
+from tests.e2e.raw import Raw
 
 V = wire.PROTOCOL_VERSION
 GEOM = Geometry(num_layers=2, hidden_size=64, num_kv_heads=2, head_dim=16, dtype="float32")
@@ -33,28 +34,6 @@ def hcached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]
     alive = d.proc is not None and d.proc.poll() is None
     d.cleanup()
     assert alive, f"hcached died during the malformed-request tests:\n{d.log()[-4000:]}"
-
-
-class Raw:
-    """A raw DEALER connection kept open: one client identity, so leases taken through it are its own."""
-
-    def __init__(self, d: DaemonProcess) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(f"ipc://{d.socket}")
-        self._ids = itertools.count(1)
-
-    def call(self, op: str, frames: list | None = None, **fields: object) -> tuple[dict, list[bytes]]:
-        call_id = next(self._ids)
-        self.sock.send_multipart([wire.encode({"v": V, "op": op, "id": call_id, **fields}), *(frames or [])])
-        assert self.sock.poll(10_000), f"no reply to {op!r} within 10 s"
-        reply, *payload = self.sock.recv_multipart()
-        header = wire.decode(reply)
-        assert header["id"] == call_id
-        return header, payload
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -274,14 +253,14 @@ def test_unknown_context(hcached, fields):
 
 def test_append_of_zero_tokens(hcached, raw):
     ctx = new_ctx(hcached, n_tokens=3)
-    reply, _ = raw.call("append", ctx=ctx, n=0)
+    reply, _ = raw.exchange("append", ctx=ctx, n=0)
     assert_refused(hcached, reply, BAD_REQUEST, "0 tokens", "at least one")
-    reply, _ = raw.call("append", [b"", b"", b"", b""], ctx=ctx, n=0, inline=True)
+    reply, _ = raw.exchange("append", [b"", b"", b"", b""], ctx=ctx, n=0, inline=True)
     assert_refused(hcached, reply, BAD_REQUEST, "0 tokens")
     assert n_tokens(hcached, ctx) == 3
-    reply, _ = raw.call("append", ctx=ctx, n=2)  # not left busy
+    reply, _ = raw.exchange("append", ctx=ctx, n=2)  # not left busy
     assert reply["ok"]
-    raw.call("abort", lease=reply["lease"])
+    raw.exchange("abort", lease=reply["lease"])
 
 
 def test_inline_append_round_trips_through_frames(hcached, raw):
@@ -290,12 +269,12 @@ def test_inline_append_round_trips_through_frames(hcached, raw):
     gen = torch.Generator().manual_seed(5)
     frames = [torch.randint(0, 256, (b * 30,), dtype=torch.uint8, generator=gen).numpy().tobytes()
               for b in STREAM_BYTES]
-    reply, _ = raw.call("append", frames, ctx=ctx, n=30, inline=True)
+    reply, _ = raw.exchange("append", frames, ctx=ctx, n=30, inline=True)
     assert reply["ok"] and reply["n_tokens"] == 130
     streams = [[0, Rep.HIDDEN], [1, Rep.HIDDEN], [1, Rep.KV], [GEOM.num_layers, Rep.TOKENS]]
-    reply, payload = raw.call("read", ctx=ctx, streams=streams, start=100, end=130, inline=True)
+    reply, payload = raw.exchange("read", ctx=ctx, streams=streams, start=100, end=130, inline=True)
     assert reply["ok"] and payload == frames
-    reply, _ = raw.call("status")
+    reply, _ = raw.exchange("status")
     assert reply["leases"] == 0  # inline reads hold no lease
 
 
@@ -317,43 +296,43 @@ def test_inline_append_whose_frames_do_not_match_the_geometry(hcached, raw, case
         frames[0], frames[3] = frames[3], frames[0]
     else:
         frames = []
-    reply, _ = raw.call("append", frames, ctx=ctx, n=n, inline=True)
+    reply, _ = raw.exchange("append", frames, ctx=ctx, n=n, inline=True)
     sizes = [b * n for b in STREAM_BYTES]
     assert_refused(hcached, reply, BAD_REQUEST, "inline append of 10 tokens", f"{len(sizes)} payload frames",
                    str(sizes), str([len(f) for f in frames]))
     assert n_tokens(hcached, ctx) == 70  # nothing of it was committed
-    reply, _ = raw.call("status")
+    reply, _ = raw.exchange("status")
     assert reply["leases"] == 0
     frames = [bytes(b * n) for b in STREAM_BYTES]
-    reply, _ = raw.call("append", frames, ctx=ctx, n=n, inline=True)  # the context was not left busy
+    reply, _ = raw.exchange("append", frames, ctx=ctx, n=n, inline=True)  # the context was not left busy
     assert reply["ok"] and reply["n_tokens"] == 80
 
 
 def test_leased_append_refuses_payload_frames(hcached, raw):
     ctx = new_ctx(hcached)
-    reply, _ = raw.call("append", [b"\x00" * 256], ctx=ctx, n=1)
+    reply, _ = raw.exchange("append", [b"\x00" * 256], ctx=ctx, n=1)
     assert_refused(hcached, reply, BAD_REQUEST, "payload frames", "inline")
     assert n_tokens(hcached, ctx) == 0
 
 
 def test_append_while_another_append_lease_is_open_is_busy(hcached, raw):
     ctx = new_ctx(hcached, n_tokens=10)
-    lease, _ = raw.call("append", ctx=ctx, n=5)
+    lease, _ = raw.exchange("append", ctx=ctx, n=5)
     assert lease["ok"] and (lease["start"], lease["end"]) == (10, 15)
     other = Raw(hcached)
     try:
-        reply, _ = other.call("append", ctx=ctx, n=1)
+        reply, _ = other.exchange("append", ctx=ctx, n=1)
         assert_refused(hcached, reply, BUSY, ctx, "append in progress")
-        reply, _ = other.call("append", [bytes(b) for b in STREAM_BYTES], ctx=ctx, n=1, inline=True)
+        reply, _ = other.exchange("append", [bytes(b) for b in STREAM_BYTES], ctx=ctx, n=1, inline=True)
         assert_refused(hcached, reply, BUSY, "append in progress")
-        reply, _ = raw.call("append", ctx=ctx, n=1)  # the lease holder too: one writer at a time
+        reply, _ = raw.exchange("append", ctx=ctx, n=1)  # the lease holder too: one writer at a time
         assert_refused(hcached, reply, BUSY)
-        reply, _ = raw.call("abort", lease=lease["lease"])
+        reply, _ = raw.exchange("abort", lease=lease["lease"])
         assert reply["ok"]
         assert n_tokens(hcached, ctx) == 10
-        reply, _ = other.call("append", ctx=ctx, n=1)
+        reply, _ = other.exchange("append", ctx=ctx, n=1)
         assert reply["ok"] and reply["start"] == 10
-        reply, _ = other.call("commit", lease=reply["lease"])
+        reply, _ = other.exchange("commit", lease=reply["lease"])
         assert reply["ok"] and reply["n_tokens"] == 11
     finally:
         other.close()
@@ -364,13 +343,13 @@ def test_append_that_could_never_fit_the_arena_is_over_capacity_at_once(hcached,
     arena = hcached.request({"v": V, "op": "hello", "id": 1})["arena_size"]
     n = 200_000  # ~150 MiB of chunk images: more than the whole 128 MiB arena
     t0 = time.monotonic()
-    reply, _ = raw.call("append", ctx=ctx, n=n)
+    reply, _ = raw.exchange("append", ctx=ctx, n=n)
     assert time.monotonic() - t0 < 2.0, "an append that can never fit waited instead of being refused"
     assert_refused(hcached, reply, OVER_CAPACITY, f"{n} tokens", str(arena), "--dram")
     assert n_tokens(hcached, ctx) == 10
-    reply, _ = raw.call("append", ctx=ctx, n=64)  # and it is not left busy
+    reply, _ = raw.exchange("append", ctx=ctx, n=64)  # and it is not left busy
     assert reply["ok"]
-    assert raw.call("commit", lease=reply["lease"])[0]["n_tokens"] == 74
+    assert raw.exchange("commit", lease=reply["lease"])[0]["n_tokens"] == 74
 
 
 def test_append_of_a_trillion_tokens_is_over_capacity_at_once(daemon_factory):
@@ -397,10 +376,10 @@ def test_append_of_a_trillion_tokens_is_over_capacity_at_once(daemon_factory):
 def test_read_of_a_token_range_past_the_end(hcached, raw, start, end, words):
     ctx = new_ctx(hcached, n_tokens=20)
     for inline in (False, True):
-        reply, payload = raw.call("read", ctx=ctx, streams=[[0, 1]], start=start, end=end, inline=inline)
+        reply, payload = raw.exchange("read", ctx=ctx, streams=[[0, 1]], start=start, end=end, inline=inline)
         assert_refused(hcached, reply, BAD_REQUEST, "outside context", *words)
         assert payload == []
-    assert raw.call("status")[0]["leases"] == 0
+    assert raw.exchange("status")[0]["leases"] == 0
 
 
 @pytest.mark.parametrize(("stream", "words"), [
@@ -411,24 +390,24 @@ def test_read_of_a_token_range_past_the_end(hcached, raw, start, end, words):
 ])
 def test_read_of_a_stream_the_context_does_not_store(hcached, raw, stream, words):
     ctx = new_ctx(hcached, n_tokens=20)
-    reply, _ = raw.call("read", ctx=ctx, streams=[[1, Rep.HIDDEN], stream], start=0, end=20)
+    reply, _ = raw.exchange("read", ctx=ctx, streams=[[1, Rep.HIDDEN], stream], start=0, end=20)
     assert_refused(hcached, reply, BAD_REQUEST, "stores no", *words)
-    assert raw.call("status")[0]["leases"] == 0  # the good stream before the bad one is not left leased
+    assert raw.exchange("status")[0]["leases"] == 0  # the good stream before the bad one is not left leased
 
 
 def test_a_refused_read_does_not_count_as_restored(hcached, raw):
     ctx = new_ctx(hcached, n_tokens=20)
-    before = raw.call("status")[0]["bytes_restored"]
-    reply, _ = raw.call("read", ctx=ctx, streams=[[0, Rep.HIDDEN], [0, Rep.KV]], start=0, end=20)
+    before = raw.exchange("status")[0]["bytes_restored"]
+    reply, _ = raw.exchange("read", ctx=ctx, streams=[[0, Rep.HIDDEN], [0, Rep.KV]], start=0, end=20)
     assert_refused(hcached, reply, BAD_REQUEST, "stores no")
-    assert raw.call("status")[0]["bytes_restored"] == before
+    assert raw.exchange("status")[0]["bytes_restored"] == before
 
 
 # -- leases --------------------------------------------------------------------------------------------
 
 def test_a_lease_that_is_not_the_callers_is_refused_and_left_alone(hcached, raw):
     ctx = new_ctx(hcached, n_tokens=4)
-    lease, _ = raw.call("append", ctx=ctx, n=60)
+    lease, _ = raw.exchange("append", ctx=ctx, n=60)
     assert lease["ok"]
     with HCacheClient(hcached.socket) as b:
         t = b._aio._t  # client B's own transport: another identity on the daemon's socket
@@ -439,40 +418,40 @@ def test_a_lease_that_is_not_the_callers_is_refused_and_left_alone(hcached, raw)
         other = Raw(hcached)
         try:
             for op in ("commit", "abort"):
-                reply, _ = other.call(op, lease=lease["lease"])
+                reply, _ = other.exchange(op, lease=lease["lease"])
                 assert_refused(hcached, reply, BAD_LEASE, str(lease["lease"]))
         finally:
             other.close()
-    reply, _ = raw.call("commit", lease=lease["lease"])  # A still owns it
+    reply, _ = raw.exchange("commit", lease=lease["lease"])  # A still owns it
     assert reply["ok"] and reply["n_tokens"] == 64
     assert n_tokens(hcached, ctx) == 64
 
 
 def test_committing_a_lease_twice(hcached, raw):
     ctx = new_ctx(hcached)
-    lease, _ = raw.call("append", ctx=ctx, n=3)
-    assert raw.call("commit", lease=lease["lease"])[0]["n_tokens"] == 3
-    reply, _ = raw.call("commit", lease=lease["lease"])
+    lease, _ = raw.exchange("append", ctx=ctx, n=3)
+    assert raw.exchange("commit", lease=lease["lease"])[0]["n_tokens"] == 3
+    reply, _ = raw.exchange("commit", lease=lease["lease"])
     assert_refused(hcached, reply, BAD_LEASE, str(lease["lease"]), "request a new one")
-    reply, _ = raw.call("abort", lease=lease["lease"])
+    reply, _ = raw.exchange("abort", lease=lease["lease"])
     assert_refused(hcached, reply, BAD_LEASE)
     assert n_tokens(hcached, ctx) == 3
 
 
 def test_leases_of_the_wrong_kind_and_made_up_ids(hcached, raw):
     ctx = new_ctx(hcached, n_tokens=10)
-    read, _ = raw.call("read", ctx=ctx, streams=[[0, 1]], start=0, end=10)
-    append, _ = raw.call("append", ctx=ctx, n=1)
-    reply, _ = raw.call("commit", lease=read["lease"])
+    read, _ = raw.exchange("read", ctx=ctx, streams=[[0, 1]], start=0, end=10)
+    append, _ = raw.exchange("append", ctx=ctx, n=1)
+    reply, _ = raw.exchange("commit", lease=read["lease"])
     assert_refused(hcached, reply, BAD_LEASE, "append lease")
-    reply, _ = raw.call("release", lease=append["lease"])
+    reply, _ = raw.exchange("release", lease=append["lease"])
     assert_refused(hcached, reply, BAD_LEASE, "read lease")
     for made_up in (0, -1, 2**63 - 1, append["lease"] + 1000):
-        reply, _ = raw.call("commit", lease=made_up)
+        reply, _ = raw.exchange("commit", lease=made_up)
         assert_refused(hcached, reply, BAD_LEASE, str(made_up))
-    assert raw.call("release", lease=read["lease"])[0]["ok"]
-    assert raw.call("commit", lease=append["lease"])[0]["n_tokens"] == 11
-    assert raw.call("status")[0]["leases"] == 0
+    assert raw.exchange("release", lease=read["lease"])[0]["ok"]
+    assert raw.exchange("commit", lease=append["lease"])[0]["n_tokens"] == 11
+    assert raw.exchange("status")[0]["leases"] == 0
 
 
 # -- and after all that ----------------------------------------------------------------------------------
