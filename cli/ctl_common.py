@@ -15,7 +15,7 @@ from hcache.client.control import ControlClient
 from hcache.client.errors import DaemonUnreachable, HCacheError
 from hcache.layout.units import format_size
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_PROBLEM, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 LONG_OP_S = 600.0  # flush, evict, fsck: they wait for the disks
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]

@@ -125,7 +125,7 @@ class AsyncHCacheClient:
             if name in data:
                 rep = rep_of(name)
                 per_stream += list(stream_bytes(data[name], len(info.layers[name]), n, info.token_bytes(rep), name))
-        per_stream.append(_token_records(ids, passes).view(torch.uint8))
+        per_stream.append(_encode_token_records(ids, passes).view(torch.uint8))
         step = self._tokens_per_lease(info)
         for start in range(0, n, step):
             await self._append_piece(ctx, [s[start : start + step] for s in per_stream])
@@ -185,16 +185,18 @@ class AsyncHCacheClient:
         """The context's token ids [start, end) as a LongTensor."""
         return (await self._token_records(ctx, start, end))[:, 0].to(torch.int64)
 
-    async def forward_passes(self, ctx: str, end: int | None = None) -> list[int]:
-        """Token counts of the forward passes that produced tokens [0, end), in order."""
-        flags = (await self._token_records(ctx, 0, end))[:, 1]
+    async def tokens_and_passes(self, ctx: str, end: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Token ids [0, end) as a LongTensor, and the token counts of the forward passes that produced them."""
+        records = await self._token_records(ctx, 0, end)
+        flags = records[:, 1]
         starts = (flags & PASS_START).nonzero().reshape(-1).tolist()
         if not starts or starts[0] != 0:
             starts.insert(0, 0)
-        return [b - a for a, b in zip(starts, [*starts[1:], flags.numel()], strict=True) if b > a]
+        passes = [b - a for a, b in zip(starts, [*starts[1:], flags.numel()], strict=True) if b > a]
+        return records[:, 0].to(torch.int64), passes
 
     async def _token_records(self, ctx: str, start: int, end: int | None) -> torch.Tensor:
-        info = await self.stat(ctx)
+        info = await self.stat(ctx) if end is None else await self._known(ctx)
         end = info.n_tokens if end is None else end
         dst = torch.empty((1, end - start, TOKEN_RECORD_BYTES), dtype=torch.uint8)
         await self._read_into(ctx, [(info.geometry.num_layers, Rep.TOKENS)], start, end, dst)
@@ -276,7 +278,7 @@ class AsyncHCacheClient:
         return views
 
 
-def _token_records(ids: torch.Tensor, passes: Sequence[int] | None) -> torch.Tensor:
+def _encode_token_records(ids: torch.Tensor, passes: Sequence[int] | None) -> torch.Tensor:
     """[n, 2] int32: each token's id and flags (PASS_START where a forward pass began)."""
     n = ids.numel()
     passes = [n] if passes is None else list(passes)

@@ -63,8 +63,7 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
     n = info.n_tokens
     if n == 0:
         raise BadRequest(f"context {ctx!r} holds no tokens yet: there is nothing to restore")
-    token_ids = client.tokens(ctx, 0, n)
-    passes = client.forward_passes(ctx, n)  # redo the model's arithmetic in its own pieces: bit-exact
+    token_ids, passes = client.tokens_and_passes(ctx, n)  # passes: redo the model's arithmetic in its pieces
     device = next(model.parameters()).device
     methods = choose_methods(info, method, len(passes), device.type, profile)
     r = methods.count("RE")

@@ -80,8 +80,8 @@ class HCacheClient:
     def tokens(self, ctx: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         return self._run(self._aio.tokens(ctx, start, end))
 
-    def forward_passes(self, ctx: str, end: int | None = None) -> list[int]:
-        return self._run(self._aio.forward_passes(ctx, end))
+    def tokens_and_passes(self, ctx: str, end: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        return self._run(self._aio.tokens_and_passes(ctx, end))
 
     def stat(self, ctx: str) -> ContextInfo:
         return self._run(self._aio.stat(ctx))

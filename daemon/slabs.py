@@ -141,12 +141,6 @@ class DataDir:
     def fd(self, ref: SlotRef) -> int:
         return self._classes[ref.slot_size].fds[ref.file]
 
-    def files(self, slot_size: int) -> list[Path]:
-        return [self.path / "slabs" / str(slot_size) / f"{n}.slab" for n in range(len(self._class(slot_size).fds))]
-
-    def slot_sizes(self) -> list[int]:
-        return sorted(self._classes)
-
     def take(self, slot_size: int) -> SlotRef | None:
         """A free slot of this size, or None when the existing slab files are full."""
         cls = self._class(slot_size)
