@@ -12,14 +12,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from report import git_info, host_info
+from report import git_info, host_info, run_and_save
 
 from hcache.client import HCacheClient
 from hcache.daemon.process import DaemonProcess
@@ -37,7 +36,6 @@ FIO_ENGINES = ("io_uring", "libaio", "psync")
 BLOCK = 1 << 20
 GB = 1e9
 GOALS = {"save_vs_disk": 0.9, "cold_restore_vs_disk": 0.9, "warm_restore_vs_memcpy": 0.5}
-RESULTS = Path(__file__).resolve().parent / "results"
 CTX = "bench"
 
 
@@ -353,16 +351,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    args.dir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="hcache-io-", dir=args.dir))
-    try:
-        result = measure(args, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"io-{args.engine}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / f"io-{args.engine}.png")
-    log(f"wrote {RESULTS / f'io-{args.engine}.json'} and .png")
+    result = run_and_save(args.dir, "hcache-io-", lambda root: measure(args, root), lambda r: f"io-{args.engine}",
+                          plot)
     print(json.dumps(result) if args.json else summary(result))
 
 

@@ -1,11 +1,18 @@
 """What every benchmark result records about where it ran: the host and the commit measured."""
 
+import json
 import os
 import platform
+import shutil
 import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def host_info(directory: Path) -> dict:
@@ -30,3 +37,20 @@ def git_info() -> dict:
         return run.stdout.strip()
 
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def run_and_save(directory: Path, prefix: str, measure: Callable[[Path], dict], stem: Callable[[dict], str],
+                 plot: Callable[[dict, Path], None]) -> dict:
+    """Measure in a fresh temp dir under `directory` (removed after), then write results/<stem>.json and .png."""
+    directory.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
+    try:
+        result = measure(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = stem(result)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, RESULTS / f"{name}.png")
+    print(f"[bench] wrote {RESULTS / name}.json and .png", file=sys.stderr, flush=True)
+    return result

@@ -11,17 +11,15 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
-from report import git_info, host_info
+from report import git_info, host_info, run_and_save
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
@@ -59,7 +57,6 @@ LEVEL_ROUNDS = 2  # cold samples per method and throttle, taken in turn: load th
 PROMPT_TOKENS = 16
 GOALS = {"projection_vs_recompute": 6.0, "auto_vs_best_single": 0.95, "auto_vs_best_single_balanced": 1.0,
          "capture_tbt_overhead": 0.02}
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def log(msg: str) -> None:
@@ -549,17 +546,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    args.dir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="hcache-restore-", dir=args.dir))
-    try:
-        result = measure(args, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"restore-{result['device']}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / f"{stem}.png")
-    log(f"wrote {RESULTS / stem}.json and .png")
+    result = run_and_save(args.dir, "hcache-restore-", lambda root: measure(args, root),
+                          lambda r: f"restore-{r['device']}", plot)
     print(json.dumps(result) if args.json else summary(result))
 
 
