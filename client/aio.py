@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from hcache.client.errors import BadRequest
+from hcache.client.gpu import GpuCopier
 from hcache.client.layout import TORCH_DTYPES, ContextInfo, rep_of, stream_bytes
 from hcache.client.shm import ArenaMap
 from hcache.client.transport import Transport
@@ -36,6 +37,18 @@ class AsyncHCacheClient:
         # client copies the next, and leaves arena room for other clients.
         self._budget = min(hello["arena_size"] // (2 * _READS_IN_FLIGHT), _LEASE_BYTES)
         self._info: dict[str, ContextInfo] = {}
+        self._gpus: dict[torch.device, GpuCopier] = {}
+        if self._arena is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            # A process on the GPU page-locks the arena now, not in its first restore's time to first token.
+            self._copier(torch.device("cuda", torch.cuda.current_device()))
+
+    def _copier(self, device: torch.device) -> GpuCopier:
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._gpus:
+            assert self._arena is not None
+            self._gpus[device] = GpuCopier(self._arena.bytes, device)
+        return self._gpus[device]
 
     @classmethod
     async def connect(cls, socket: str | None = None, *, namespace: str = "default",
@@ -50,6 +63,8 @@ class AsyncHCacheClient:
             raise
 
     async def close(self) -> None:
+        for copier in self._gpus.values():
+            copier.close()
         if self._arena is not None:
             self._arena.close()
         self._t.close()
@@ -97,10 +112,11 @@ class AsyncHCacheClient:
         reply, _ = await self._call("status")
         return reply
 
-    async def flush(self, ctx: str | None = None) -> None:
-        """Return once everything appended (to `ctx`, or to every context) is durable on disk."""
+    async def flush(self, ctx: str | None = None, *, drop: bool = False) -> None:
+        """Return once everything appended (to `ctx`, or to every context) is durable on disk; `drop` also frees
+        the daemon's memory of it (chunks not leased), so that the next restores read the disk."""
         args = {"ns": self.namespace, "ctx": ctx} if ctx is not None else {}
-        await self._call("flush", **args)
+        await self._call("flush", drop=drop, **args)
 
     # -- saving -----------------------------------------------------------------------------------
     async def append(self, ctx: str, token_ids: Sequence[int] | torch.Tensor,
@@ -161,9 +177,13 @@ class AsyncHCacheClient:
 
     # -- restoring --------------------------------------------------------------------------------
     async def restore(self, ctx: str, rep: str, layers: Sequence[int] | None = None, start: int = 0,
-                      end: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read layers × tokens [start, end) of one representation into `out` (allocated when None):
-        [layers, T, hidden_size] for "hidden", [layers, T, 2, n_kv_heads, head_dim] for "kv"."""
+                      end: int | None = None, out: torch.Tensor | None = None, *,
+                      device: torch.device | str | None = None, after: torch.cuda.Event | None = None
+                      ) -> torch.Tensor:
+        """Read layers × tokens [start, end) of one representation into `out` (allocated on `device`, default the
+        CPU, when None): [layers, T, hidden_size] for "hidden", [layers, T, 2, n_kv_heads, head_dim] for "kv".
+        To a CUDA device, local clients DMA from the arena (page-locked) on a copy stream of their own, after
+        `after` (default: an event recorded now on `out`'s current stream); it has landed when this returns."""
         info = await self._known(ctx)
         r = rep_of(rep)
         layers = list(info.layers.get(rep, [])) if layers is None else list(layers)
@@ -173,12 +193,20 @@ class AsyncHCacheClient:
         info = await self.stat(ctx) if end is None or end > info.n_tokens else info
         end = info.n_tokens if end is None else end
         shape = (len(layers), end - start, *info.item_shape(r))
-        if out is None:
-            out = torch.empty(shape, dtype=TORCH_DTYPES[info.geometry.dtype])
-        elif tuple(out.shape) != shape or not out.is_contiguous() or out.device.type != "cpu":
-            raise BadRequest(f"out must be a contiguous CPU tensor of shape {list(shape)}, got {list(out.shape)}")
+        dtype = TORCH_DTYPES[info.geometry.dtype]
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        if out is None and target.type == "cuda" and self.local:
+            out = self._copier(target).empty(shape, dtype)
+        elif out is None:
+            out = torch.empty(shape, dtype=dtype, device=target)
+        elif (tuple(out.shape) != shape or not out.is_contiguous() or out.device.type not in ("cpu", "cuda")
+              or (device is not None and out.device.type != target.type)):
+            raise BadRequest(f"out must be a contiguous CPU or CUDA tensor of shape {list(shape)}, got "
+                             f"{list(out.shape)} on {out.device}")
+        elif out.is_cuda and after is None:
+            after = torch.cuda.current_stream(out.device).record_event()
         dst = out.view(torch.uint8).view(len(layers), end - start, info.token_bytes(r))
-        await self._read_into(ctx, [(layer, r) for layer in layers], start, end, dst)
+        await self._read_into(ctx, [(layer, r) for layer in layers], start, end, dst, after)
         return out
 
     async def tokens(self, ctx: str, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -203,9 +231,9 @@ class AsyncHCacheClient:
         return dst.view(torch.int32).reshape(end - start, 2)
 
     async def _read_into(self, ctx: str, streams: list[tuple[int, Rep]], start: int, end: int,
-                         dst: torch.Tensor) -> None:
+                         dst: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
         """Read in groups of layers that fit the lease budget; the next group's read is in flight while
-        this one is copied out."""
+        this one is copied out (to a CUDA `dst`: once `after` has happened)."""
         if end <= start or not streams:
             return
         image = chunk_image_size(dst.shape[2])
@@ -231,7 +259,11 @@ class AsyncHCacheClient:
                 if i + _READS_IN_FLIGHT < len(items):
                     inflight.append(request(items[i + _READS_IN_FLIGHT]))
                 part = dst[g0:g1, t0 - start : t1 - start]
-                if self.local:
+                if self.local and part.is_cuda:
+                    landed = self._copier(part.device).copy(self._pieces(reply["offsets"], t0, t1, part), after)
+                    after = None  # later copies queue behind this one on the same stream
+                    releases.append(asyncio.ensure_future(self._release_when(landed, reply["lease"])))
+                elif self.local:
                     self._gather(reply["offsets"], t0, t1, part)
                     releases.append(asyncio.ensure_future(self._call("release", lease=reply["lease"])))
                 else:
@@ -243,17 +275,30 @@ class AsyncHCacheClient:
             await asyncio.gather(*releases)
 
     def _gather(self, offsets: list[int], start: int, end: int, dst: torch.Tensor) -> None:
+        for dst_part, arena_part in self._pieces(offsets, start, end, dst):
+            dst_part.copy_(arena_part)
+
+    def _pieces(self, offsets: list[int], start: int, end: int, dst: torch.Tensor
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(part of dst, arena view of the same shape) pairs for tokens [start, end) of dst's streams; for a CUDA
+        dst each arena view is contiguous (one DMA each), for a CPU one runs of chunks merge."""
         per_stream = len(chunk_range(start, end))
+        out = []
         for k in range(dst.shape[0]):
             chunk_offsets = offsets[k * per_stream : (k + 1) * per_stream]
-            for arena_part, t, n in self._runs(chunk_offsets, start, end, dst.shape[2]):
-                dst[k, t : t + n].view(arena_part.shape).copy_(arena_part)
+            for arena_part, t, n in self._runs(chunk_offsets, start, end, dst.shape[2], merge=not dst.is_cuda):
+                out.append((dst[k, t : t + n].view(arena_part.shape), arena_part))
+        return out
 
-    def _runs(self, chunk_offsets: list[int], start: int, end: int,
-              tb: int) -> list[tuple[torch.Tensor, int, int]]:
-        """Arena views for tokens [start, end) of one stream, as (view, first token, count): consecutive full
-        chunks that lie one image apart merge into one strided view, so one copy moves many chunks (a copy
-        per 64-token chunk spent most of its time starting and stopping OpenMP threads)."""
+    async def _release_when(self, landed: torch.cuda.Event, lease: int) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, landed.synchronize)
+        await self._call("release", lease=lease)
+
+    def _runs(self, chunk_offsets: list[int], start: int, end: int, tb: int,
+              merge: bool = True) -> list[tuple[torch.Tensor, int, int]]:
+        """Arena views for tokens [start, end) of one stream, as (view, first token, count); with `merge`,
+        consecutive full chunks that lie one image apart merge into one strided view, so one copy moves many
+        chunks (a copy per 64-token chunk spent most of its time starting and stopping OpenMP threads)."""
         arena = self._arena.bytes
         image = chunk_image_size(tb)
         runs: list[list[int]] = []  # [arena offset, first token, tokens, chunks merged (0: a partial chunk)]
@@ -261,7 +306,7 @@ class AsyncHCacheClient:
         for pos, first, count in segments(start, end):
             off = chunk_offsets[pos] + first * tb
             prev = runs[-1] if runs else None
-            if (count == CHUNK_TOKENS and prev is not None and prev[3]
+            if (merge and count == CHUNK_TOKENS and prev is not None and prev[3]
                     and prev[0] + prev[3] * image == off):
                 prev[2] += count
                 prev[3] += 1

@@ -26,15 +26,32 @@ _DUE = object()  # the sender's wake-up when held-back steps have waited long en
 
 @dataclass
 class _Step:
-    """One forward pass of one batch row: its new tokens and each stored layer's data for them."""
+    """One forward pass of one batch row: its new tokens and each stored layer's data for them ([layers, t, ...],
+    the tokens to keep along dim 1 picked by `keep`), readable once `ready` has happened (a copy from a GPU)."""
 
     ctx: str
     ids: torch.Tensor
     data: dict[str, torch.Tensor]
+    keep: torch.Tensor | slice
+    ready: torch.cuda.Event | None
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.data.values())
+
+    def kept(self) -> dict[str, torch.Tensor]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return {k: v[:, self.keep] for k, v in self.data.items()}
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """t on the host: from a GPU by an asynchronous copy into page-locked memory (complete at the stream's next
+    event), so a decode step never waits for it."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 @dataclass
@@ -84,7 +101,8 @@ class _Sender:
             by_ctx.setdefault(s.ctx, []).append(s)
         for ctx, items in by_ctx.items():
             ids = torch.cat([s.ids for s in items])
-            data = {k: torch.cat([s.data[k] for s in items], dim=1) for k in items[0].data}
+            kept = [s.kept() for s in items]
+            data = {k: torch.cat([d[k] for d in kept], dim=1) for k in kept[0]}
             self.client.append(ctx, ids, data, passes=[len(s.ids) for s in items])
 
     def close(self) -> None:
@@ -137,8 +155,10 @@ class _Capture:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise BadRequest("capture needs input_ids: call the model (or generate) with token ids, not embeddings")
-        self._ids = ids
-        self._mask = kwargs.get("attention_mask")
+        # On a GPU these copies wait for the queue, which is all but empty between forward passes.
+        self._ids = ids.cpu()
+        mask = kwargs.get("attention_mask")
+        self._mask = mask.bool().cpu() if mask is not None else None
 
     def _layer_hook(self, i: int):  # noqa: ANN202 - a forward pre-hook
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -156,23 +176,28 @@ class _Capture:
         if b != len(self.ctxs):
             raise BadRequest(f"capture got {len(self.ctxs)} context ids for a batch of {b} rows: give one id per row")
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-        mask = self._mask[:, -t:].bool().cpu() if self._mask is not None else None
+        mask = self._mask[:, -t:] if self._mask is not None else None
         stacked: dict[tuple[int, ...], torch.Tensor] = {}  # one copy per step for all rows: [layers, B, t, D]
+        steps = []
         for row, ctx in enumerate(self.ctxs):
             info = self.info.get(ctx) or self._open(ctx, t)
             keep = mask[row] if mask is not None and not bool(mask[row].all()) else slice(None)
+            row_ids = ids[row][keep]
+            if not len(row_ids):  # a row of padding only adds nothing
+                continue
             data: dict[str, torch.Tensor] = {}
             if info.layers.get("hidden"):
                 layers = tuple(info.layers["hidden"])
                 if layers not in stacked:
-                    stacked[layers] = torch.stack([hidden[i][:, -t:] for i in layers]).cpu()
-                data["hidden"] = stacked[layers][:, row, keep]
+                    stacked[layers] = _to_host(torch.stack([hidden[i][:, -t:] for i in layers]))
+                data["hidden"] = stacked[layers][:, row]
             if info.layers.get("kv"):
-                data["kv"] = self._step_kv(cache, hidden, info.layers["kv"], row, t, self._saved[ctx])[:, keep]
-            step = _Step(ctx, ids[row].cpu()[keep], data)
-            if len(step.ids):  # a row of padding only adds nothing
-                self._saved[ctx] += len(step.ids)
-                self.sender.steps.put(step)
+                data["kv"] = self._step_kv(cache, hidden, info.layers["kv"], row, t, self._saved[ctx])
+            self._saved[ctx] += len(row_ids)
+            steps.append((ctx, row_ids, data, keep))
+        ready = torch.cuda.current_stream(hidden[0].device).record_event() if hidden[0].is_cuda else None
+        for ctx, row_ids, data, keep in steps:
+            self.sender.steps.put(_Step(ctx, row_ids, data, keep, ready))
 
     def _step_kv(self, cache: object, hidden: list[torch.Tensor], layers: list[int], row: int, t: int,
                  first: int) -> torch.Tensor:
@@ -189,7 +214,7 @@ class _Capture:
                 positions = torch.arange(first, first + t, device=hidden[i].device)[None]
                 k, v = (x[0] for x in project_kv(self.model, i, hidden[i][row : row + 1, -t:], positions))
             per_layer.append(torch.stack([k, v]).detach().permute(2, 0, 1, 3))
-        return torch.stack(per_layer).cpu()
+        return _to_host(torch.stack(per_layer))
 
     def _open(self, ctx: str, t: int) -> ContextInfo:
         info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry, layers=self._layers_to_store(t))

@@ -71,24 +71,11 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
     reads: dict[int, concurrent.futures.Future] = {}
 
     def start_reads() -> None:
+        # On CUDA the client DMAs each layer from the arena to the GPU on a copy stream: layer i+1 crosses PCIe
+        # while layer i is projected.
         while pending and len(reads) < _LAYERS_IN_FLIGHT:
             i = pending.popleft()
-            out = torch.empty(_shape(info, methods[i], n), dtype=_dtype(model),
-                              pin_memory=device.type == "cuda")
-            reads[i] = client.restore_future(ctx, _REP[methods[i]], [i], 0, n, out)
-
-    # On CUDA, host-to-device copies run on a stream of their own: layer i+1 crosses PCIe while layer i is
-    # projected. The pinned host tensor rides along until its copy is waited for.
-    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def fetch(i: int) -> tuple[torch.Tensor, object]:
-        host = reads.pop(i).result()[0]
-        start_reads()
-        if copy_stream is None:
-            return host, None
-        with torch.cuda.stream(copy_stream):
-            data = host.to(device, non_blocking=True)
-        return data, (copy_stream.record_event(), host)
+            reads[i] = client.restore_future(ctx, _REP[methods[i]], [i], 0, n, device=device)
 
     start_reads()
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -97,14 +84,10 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
             kv += recompute_prefix(model, token_ids[None].to(device), r, passes)
         positions = torch.arange(n, device=device)[None]
         bounds = [0, *itertools.accumulate(passes)]
-        ahead = None
         for i in range(r, len(methods)):
-            data, copied = ahead or fetch(i)
-            ahead = None
-            if copy_stream is not None and i + 1 < len(methods) and reads[i + 1].done():
-                ahead = fetch(i + 1)  # its copy to the GPU overlaps this layer's projection; never wait for it
-            if copied is not None:
-                torch.cuda.current_stream(device).wait_event(copied[0])
+            data = reads.pop(i).result()[0]
+            start_reads()
+            if device.type == "cuda":  # allocated on the copy stream: keep it from reuse while this one reads it
                 data.record_stream(torch.cuda.current_stream(device))
             if methods[i] == "H":
                 pieces = [project_kv(model, i, data[None, a:b], positions[:, a:b])
@@ -114,11 +97,3 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
                 kv.append((data[:, 0].transpose(0, 1)[None], data[:, 1].transpose(0, 1)[None]))
     return build_cache(model, kv), token_ids[None]
 
-
-def _shape(info: ContextInfo, code: str, n: int) -> tuple[int, ...]:
-    g = info.geometry
-    return (1, n, g.hidden_size) if code == "H" else (1, n, 2, g.num_kv_heads, g.head_dim)
-
-
-def _dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype

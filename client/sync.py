@@ -64,18 +64,23 @@ class HCacheClient:
                passes: Sequence[int] | None = None) -> int:
         return self._run(self._aio.append(ctx, token_ids, data, passes))
 
-    def flush(self, ctx: str | None = None) -> None:
-        self._run(self._aio.flush(ctx))
+    def flush(self, ctx: str | None = None, *, drop: bool = False) -> None:
+        self._run(self._aio.flush(ctx, drop=drop))
 
     def restore(self, ctx: str, rep: str, layers: Sequence[int] | None = None, start: int = 0,
-                end: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(self._aio.restore(ctx, rep, layers, start, end, out))
+                end: int | None = None, out: torch.Tensor | None = None, *,
+                device: torch.device | str | None = None) -> torch.Tensor:
+        return self.restore_future(ctx, rep, layers, start, end, out, device=device).result()
 
     def restore_future(self, ctx: str, rep: str, layers: Sequence[int] | None = None, start: int = 0,
-                       end: int | None = None, out: torch.Tensor | None = None) -> concurrent.futures.Future:
+                       end: int | None = None, out: torch.Tensor | None = None, *,
+                       device: torch.device | str | None = None) -> concurrent.futures.Future:
         """Start a restore and return at once; the Future's result is the filled tensor. Lets a caller
-        compute on earlier layers while later ones are still being read."""
-        return asyncio.run_coroutine_threadsafe(self._aio.restore(ctx, rep, layers, start, end, out), self._loop)
+        compute on earlier layers while later ones are still being read. A CUDA `out` is written once the
+        work queued so far on this thread's current stream is done."""
+        after = torch.cuda.current_stream(out.device).record_event() if out is not None and out.is_cuda else None
+        return asyncio.run_coroutine_threadsafe(
+            self._aio.restore(ctx, rep, layers, start, end, out, device=device, after=after), self._loop)
 
     def tokens(self, ctx: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         return self._run(self._aio.tokens(ctx, start, end))

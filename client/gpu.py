@@ -1,0 +1,46 @@
+"""Copies from the shared arena straight to a CUDA device: the arena page-locked, copies on a stream of their own."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("hcache.client")
+
+
+class GpuCopier:
+    """Page-locks (cudaHostRegister) one host mapping and DMAs pieces of it to GPU tensors on a copy stream."""
+
+    def __init__(self, host: torch.Tensor, device: torch.device) -> None:
+        self.host = host
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        with torch.cuda.device(device):
+            err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), 0)
+        self.registered = int(err) == 0
+        if not self.registered:  # copies still work, but each one stages through a pageable bounce buffer
+            log.warning("cudaHostRegister of the %d-byte arena failed (%s): restores to %s copy synchronously",
+                        host.numel(), err, device)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A device tensor allocated on the copy stream, so its memory is never still in use by another stream."""
+        with torch.cuda.stream(self.stream):
+            return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def copy(self, pieces: list[tuple[torch.Tensor, torch.Tensor]], after: torch.cuda.Event | None
+             ) -> torch.cuda.Event:
+        """Queue dst.copy_(src) for each (dst on the device, src a contiguous view of the host mapping) once
+        `after` has happened; the returned event completes when all have landed."""
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            for dst, src in pieces:
+                dst.copy_(src, non_blocking=True)
+            return self.stream.record_event()
+
+    def close(self) -> None:
+        self.stream.synchronize()
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            self.registered = False
