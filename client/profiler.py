@@ -7,7 +7,7 @@ import os
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -69,7 +69,8 @@ def _time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> f
 
 def _time_reads(client: HCacheClient, geometry: Geometry, dtype: torch.dtype, token_counts: list[int],
                 repeats: int, n_layers: int) -> list[list[float]]:
-    """(bytes, median seconds) of single-layer reads of hidden states and K/V, from a context made for it."""
+    """(bytes, median seconds) of single-layer reads of hidden states and K/V from disk, of a context made for it
+    and dropped from the daemon's memory before each read."""
     ctx = f"hcache-profile-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     layers = list(range(n_layers))
     n = max(token_counts)
@@ -82,15 +83,16 @@ def _time_reads(client: HCacheClient, geometry: Geometry, dtype: torch.dtype, to
         out = []
         for t, (name, rep) in itertools.product(token_counts, (("hidden", Rep.HIDDEN), ("kv", Rep.KV))):
             buffer = torch.empty(1, t, *item[name], dtype=dtype)
-            read = partial(_read_next, client, ctx, name, itertools.cycle(layers), buffer)
-            out.append([t * geometry.token_bytes(rep), _time(read, repeats * n_layers, _no_sync)])
+            times = []
+            for layer in itertools.islice(itertools.cycle(layers), repeats * n_layers):
+                client.flush(ctx, drop=True)  # restores read the disk, not the daemon's memory
+                start = time.perf_counter()
+                client.restore(ctx, name, [layer], 0, t, buffer)
+                times.append(time.perf_counter() - start)
+            out.append([t * geometry.token_bytes(rep), statistics.median(times)])
         return out
     finally:
         client.delete(ctx)
-
-
-def _read_next(client: HCacheClient, ctx: str, rep: str, layers: Iterator[int], out: torch.Tensor) -> None:
-    client.restore(ctx, rep, [next(layers)], 0, out.shape[1], out)
 
 
 def _fit(points: list[list[float]], terms: int) -> tuple[float, ...]:

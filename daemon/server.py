@@ -179,6 +179,8 @@ class Server:
     async def op_flush(self, peer: bytes, h: dict, frames: list) -> Reply:
         contexts = [self._ctx(h)] if "ctx" in h else list(self.store.contexts.values())
         await self.store.flush(contexts)
+        if get(h, "drop", bool, False):
+            self.store.drop_from_arena(contexts)
         return {"durable": {f"{c.namespace}/{c.ctx_id}": c.durable for c in contexts}}, []
 
     async def op_read(self, peer: bytes, h: dict, frames: list) -> Reply:

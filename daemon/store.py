@@ -237,6 +237,14 @@ class Store:
         return [c.arena_off + HEADER_SIZE for c in lease.chunks]
 
     # -- durability -------------------------------------------------------------------------------
+    def drop_from_arena(self, contexts: list[Context]) -> None:
+        """Free the arena space of these contexts' clean, unleased chunks: their next reads come from disk."""
+        for ctx in contexts:
+            for s in ctx.streams:
+                for c in s.chunks:
+                    if c.evictable:
+                        self.cache.drop(c)
+
     async def flush(self, contexts: list[Context]) -> None:
         """Return once every committed token of these contexts is durable (tails written padded)."""
         targets = {ctx: ctx.n_tokens for ctx in contexts}

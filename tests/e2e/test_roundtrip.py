@@ -46,6 +46,21 @@ def test_partial_ranges_and_layers(daemon):
         assert torch.equal(c.tokens("r", 64, 128), ids[64:128])
 
 
+def test_flush_with_drop_sends_the_next_reads_to_disk(daemon):
+    gen = torch.Generator().manual_seed(3)
+    exp = Expected(geometry(MHA, "bfloat16"))
+    with HCacheClient(daemon.socket) as c:
+        c.open("d", model="tiny", geometry=exp.geometry, layers=exp.layers)
+        c.append("d", *exp.round(150, gen))
+        c.flush("d")
+        before = c.status()["disk_reads"]
+        assert_restores(c, "d", exp)
+        assert c.status()["disk_reads"] == before  # still in the arena
+        c.flush("d", drop=True)
+        assert_restores(c, "d", exp)
+        assert c.status()["disk_reads"] > before
+
+
 def test_contexts_are_separate_and_deletable(daemon):
     gen = torch.Generator().manual_seed(2)
     a, b = Expected(geometry(MHA, "float32")), Expected(geometry(MHA, "float32"))
