@@ -6,13 +6,14 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from hcache.client.errors import BadRequest
-from hcache.client.layout import ContextInfo
+from hcache.client.layout import ContextInfo, rep_of
 from hcache.client.sync import HCacheClient
 
 STORE_CHOICES = ("plan", "hidden", "kv", "both")
@@ -22,36 +23,60 @@ STORE_CHOICES = ("plan", "hidden", "kv", "both")
 _BATCH_BYTES = 32 << 20
 _MAX_DELAY_S = 5.0
 _DUE = object()  # the sender's wake-up when held-back steps have waited long enough
+Pick = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # one row's data out of a pass's tensors on the host
+
+
+class _Pass:
+    """The tensors one forward pass captured for all batch rows, left on the model's device until the sender copies
+    them to the host: a decode step never waits for a copy, nor allocates page-locked memory."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        first = next(iter(tensors.values()))
+        self.ready = torch.cuda.current_stream(first.device).record_event() if first.is_cuda else None
+        self._host: dict[str, torch.Tensor] | None = None
+
+    def host(self, stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
+        """The tensors on the host; from a GPU copied on `stream` (the sender's), after the pass's kernels."""
+        if self._host is None:
+            if self.ready is None:
+                self._host = self.tensors
+            else:
+                with torch.cuda.stream(stream):
+                    stream.wait_event(self.ready)
+                    self._host = {k: v.to("cpu") for k, v in self.tensors.items()}
+            self.tensors = {}  # device memory goes back once every row's step has been copied
+        return self._host
+
+
+def _rows(key: str, row: int, host: dict[str, torch.Tensor]) -> torch.Tensor:
+    return host[key][:, row]
+
+
+def _kv_rows(key: str, row: int, host: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[layers, t, 2, n_kv, head_dim] of one row from keys and values stacked as [layers, B, n_kv, t, head_dim]."""
+    return torch.stack([host[key + ".k"][:, row], host[key + ".v"][:, row]], 1).permute(0, 3, 1, 2, 4)
+
+
+def _whole(key: str, host: dict[str, torch.Tensor]) -> torch.Tensor:
+    return host[key]
 
 
 @dataclass
 class _Step:
-    """One forward pass of one batch row: its new tokens and each stored layer's data for them ([layers, t, ...],
-    the tokens to keep along dim 1 picked by `keep`), readable once `ready` has happened (a copy from a GPU)."""
+    """One forward pass of one batch row: its new tokens, and how to pick each stored layer's data for them
+    ([layers, t, ...]) out of its pass's tensors; `keep` picks the tokens that are not padding."""
 
     ctx: str
     ids: torch.Tensor
-    data: dict[str, torch.Tensor]
+    pass_: _Pass
+    select: dict[str, Pick]
     keep: torch.Tensor | slice
-    ready: torch.cuda.Event | None
+    nbytes: int
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.data.values())
-
-    def kept(self) -> dict[str, torch.Tensor]:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return {k: v[:, self.keep] for k, v in self.data.items()}
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """t on the host: from a GPU by an asynchronous copy into page-locked memory (complete at the stream's next
-    event), so a decode step never waits for it."""
-    if not t.is_cuda:
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
+    def data(self, stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
+        host = self.pass_.host(stream)
+        return {name: pick(host)[:, self.keep] for name, pick in self.select.items()}
 
 
 @dataclass
@@ -59,11 +84,15 @@ class _Sender:
     """Appends captured steps from a thread of its own, so a decode step never waits on the daemon."""
 
     client: HCacheClient
+    device: torch.device
     steps: queue.Queue = field(default_factory=queue.Queue)
     error: BaseException | None = None
     thread: threading.Thread | None = None
+    stream: torch.cuda.Stream | None = None
 
     def start(self) -> None:
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.device)
         self.thread = threading.Thread(target=self._run, name="hcache-capture", daemon=True)
         self.thread.start()
 
@@ -101,7 +130,7 @@ class _Sender:
             by_ctx.setdefault(s.ctx, []).append(s)
         for ctx, items in by_ctx.items():
             ids = torch.cat([s.ids for s in items])
-            kept = [s.kept() for s in items]
+            kept = [s.data(self.stream) for s in items]
             data = {k: torch.cat([d[k] for d in kept], dim=1) for k in kept[0]}
             self.client.append(ctx, ids, data, passes=[len(s.ids) for s in items])
 
@@ -127,7 +156,7 @@ class _Capture:
         self.fingerprint = fingerprint(model, model_id)
         self.info: dict[str, ContextInfo] = {}
         self._saved: dict[str, int] = {}  # tokens of each context so far, saved or on their way
-        self.sender = _Sender(client)
+        self.sender = _Sender(client, next(model.parameters()).device)
         self._hidden: list[torch.Tensor | None] = [None] * len(self.layers)
         self._ids: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
@@ -177,7 +206,7 @@ class _Capture:
             raise BadRequest(f"capture got {len(self.ctxs)} context ids for a batch of {b} rows: give one id per row")
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         mask = self._mask[:, -t:] if self._mask is not None else None
-        stacked: dict[tuple[int, ...], torch.Tensor] = {}  # one copy per step for all rows: [layers, B, t, D]
+        tensors: dict[str, torch.Tensor] = {}  # one stack per pass for all rows, not one copy per row and layer
         steps = []
         for row, ctx in enumerate(self.ctxs):
             info = self.info.get(ctx) or self._open(ctx, t)
@@ -185,36 +214,48 @@ class _Capture:
             row_ids = ids[row][keep]
             if not len(row_ids):  # a row of padding only adds nothing
                 continue
-            data: dict[str, torch.Tensor] = {}
+            select: dict[str, Pick] = {}
             if info.layers.get("hidden"):
-                layers = tuple(info.layers["hidden"])
-                if layers not in stacked:
-                    stacked[layers] = _to_host(torch.stack([hidden[i][:, -t:] for i in layers]))
-                data["hidden"] = stacked[layers][:, row]
+                layers = info.layers["hidden"]
+                key = f"hidden{layers}"
+                if key not in tensors:
+                    tensors[key] = torch.stack([hidden[i][:, -t:] for i in layers])
+                select["hidden"] = partial(_rows, key, row)
             if info.layers.get("kv"):
-                data["kv"] = self._step_kv(cache, hidden, info.layers["kv"], row, t, self._saved[ctx])
+                select["kv"] = self._select_kv(tensors, cache, hidden, info.layers["kv"], row, t, self._saved[ctx])
             self._saved[ctx] += len(row_ids)
-            steps.append((ctx, row_ids, data, keep))
-        ready = torch.cuda.current_stream(hidden[0].device).record_event() if hidden[0].is_cuda else None
-        for ctx, row_ids, data, keep in steps:
-            self.sender.steps.put(_Step(ctx, row_ids, data, keep, ready))
+            per_token = sum(len(info.layers[name]) * info.token_bytes(rep_of(name)) for name in select)
+            steps.append((ctx, row_ids, select, keep, len(row_ids) * per_token))
+        if steps:
+            pass_ = _Pass(tensors)
+            for ctx, row_ids, select, keep, nbytes in steps:
+                self.sender.steps.put(_Step(ctx, row_ids, pass_, select, keep, nbytes))
 
-    def _step_kv(self, cache: object, hidden: list[torch.Tensor], layers: list[int], row: int, t: int,
-                 first: int) -> torch.Tensor:
-        """K/V of this step's tokens as [layers, t, 2, n_kv, head_dim]: from the model's own cache, or where a
-        sliding-window layer's cache no longer holds them all, projected from the layer's input (bit-identical)."""
+    def _select_kv(self, tensors: dict[str, torch.Tensor], cache: object, hidden: list[torch.Tensor],
+                   layers: list[int], row: int, t: int, first: int) -> Pick:
+        """K/V of this step's tokens, as [layers, t, 2, n_kv, head_dim] once on the host: from the model's own cache,
+        or where a sliding-window layer's cache no longer holds them all, projected from the layer's input
+        (bit-identical) for this row alone."""
         from hcache.client.projection import project_kv
 
+        entries = [cache.layers[i] if cache is not None and len(cache.layers) > i else None for i in layers]
+        if all(e is not None and e.keys.shape[2] >= t for e in entries):
+            key = f"kv{layers}"
+            if key + ".k" not in tensors:
+                tensors[key + ".k"] = torch.stack([e.keys[:, :, -t:] for e in entries])
+                tensors[key + ".v"] = torch.stack([e.values[:, :, -t:] for e in entries])
+            return partial(_kv_rows, key, row)
         per_layer = []
-        for i in layers:
-            entry = cache.layers[i] if cache is not None and len(cache.layers) > i else None
+        for i, entry in zip(layers, entries, strict=True):
             if entry is not None and entry.keys.shape[2] >= t:
                 k, v = entry.keys[row, :, -t:], entry.values[row, :, -t:]  # [n_kv, t, hd]
             else:
                 positions = torch.arange(first, first + t, device=hidden[i].device)[None]
                 k, v = (x[0] for x in project_kv(self.model, i, hidden[i][row : row + 1, -t:], positions))
             per_layer.append(torch.stack([k, v]).detach().permute(2, 0, 1, 3))
-        return _to_host(torch.stack(per_layer))
+        key = f"kv{layers}.row{row}"
+        tensors[key] = torch.stack(per_layer)
+        return partial(_whole, key)
 
     def _open(self, ctx: str, t: int) -> ContextInfo:
         info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry, layers=self._layers_to_store(t))
