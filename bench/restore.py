@@ -308,8 +308,8 @@ def auto_vs_best(model: LlamaForCausalLM, hc: Hcached, base: Profile, unthrottle
     """Per read throttle: cold all-H, all-KV and auto restores of the T_RATIOS context (all-RE reads no hidden
     states or K/V: its unthrottled time stands), and best single ÷ auto; auto plans with c_h and c_tok as
     measured at T_RATIOS and reads as fast as the all-KV restore at that throttle. Throttles are multiples of the
-    fastest balance point this disk can serve (else the slowest one there is): levels the disk is too slow for
-    are skipped, and the unthrottled disk counts as a level at its own read rate."""
+    fastest balance point this disk can serve (else the slowest one there is); levels the disk is too slow for are
+    replaced by fractions of the disk's own rate, and the unthrottled disk counts as a level at its rate."""
     ctx, layers = f"{MAIN}-{T_RATIOS}", model.config.num_hidden_layers
     g = base.geometry
     base = pinned(base, T_RATIOS, costs["c_h_s"], costs["c_tok_s"])
@@ -320,11 +320,13 @@ def auto_vs_best(model: LlamaForCausalLM, hc: Hcached, base: Profile, unthrottle
     levels = {"none": {"rate": disk_rate, "throttle": 0,
                        **level_summary({m: unthrottled["methods"][m]["cold_s"] for m in METHODS}, unthrottled["plan"])}}
     log(f"balance points {[format_size(p) + '/s' for p in points]}; disk reads {format_size(disk_rate)}/s")
-    for level, ratio in LEVELS.items():
-        throttle = math.ceil(balance * ratio)
-        if throttle >= disk_rate:
-            levels[level] = {"rate": throttle, "throttle": None, "note": "the disk alone is slower"}
-            continue
+    rates = {level: math.ceil(balance * ratio) for level, ratio in LEVELS.items()}
+    reachable = {level: rate for level, rate in rates.items() if rate < disk_rate}
+    slower = {f"disk/{d}": math.ceil(disk_rate / d) for d in (2, 4, 8)}  # tops up to three levels the disk can do
+    for level, rate in rates.items():
+        if level not in reachable:
+            levels[level] = {"rate": rate, "throttle": None, "note": "the disk alone is slower"}
+    for level, throttle in (reachable | dict(list(slower.items())[: len(LEVELS) - len(reachable)])).items():
         hc.start(throttle)
         samples: dict[str, list[float]] = {"KV": [], "H": [], "auto": []}
         for _ in range(LEVEL_ROUNDS):
