@@ -64,19 +64,20 @@ def _whole(key: str, host: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class _Step:
-    """One forward pass of one batch row: its new tokens, and how to pick each stored layer's data for them
-    ([layers, t, ...]) out of its pass's tensors; `keep` picks the tokens that are not padding."""
+    """One forward pass of one batch row: how to pick its token ids and each stored layer's data for them
+    ([layers, t, ...]) out of its pass's tensors, without the tokens its attention mask marks as padding."""
 
     ctx: str
-    ids: torch.Tensor
+    row: int
     pass_: _Pass
     select: dict[str, Pick]
-    keep: torch.Tensor | slice
-    nbytes: int
+    nbytes: int  # at most; padding is dropped only on the host
 
-    def data(self, stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
+    def tokens_and_data(self, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         host = self.pass_.host(stream)
-        return {name: pick(host)[:, self.keep] for name, pick in self.select.items()}
+        mask = host.get("mask")
+        keep = mask[self.row] if mask is not None and not bool(mask[self.row].all()) else slice(None)
+        return host["ids"][self.row, keep], {name: pick(host)[:, keep] for name, pick in self.select.items()}
 
 
 @dataclass
@@ -129,10 +130,10 @@ class _Sender:
         for s in steps:
             by_ctx.setdefault(s.ctx, []).append(s)
         for ctx, items in by_ctx.items():
-            ids = torch.cat([s.ids for s in items])
-            kept = [s.data(self.stream) for s in items]
-            data = {k: torch.cat([d[k] for d in kept], dim=1) for k in kept[0]}
-            self.client.append(ctx, ids, data, passes=[len(s.ids) for s in items])
+            kept = [(ids, data) for ids, data in (s.tokens_and_data(self.stream) for s in items) if len(ids)]
+            if kept:  # rows of padding only add nothing
+                data = {k: torch.cat([d[k] for _, d in kept], dim=1) for k in kept[0][1]}
+                self.client.append(ctx, torch.cat([ids for ids, _ in kept]), data, passes=[len(i) for i, _ in kept])
 
     def close(self) -> None:
         self.steps.put(None)
@@ -155,7 +156,8 @@ class _Capture:
         self.geometry = geometry_of(model)
         self.fingerprint = fingerprint(model, model_id)
         self.info: dict[str, ContextInfo] = {}
-        self._saved: dict[str, int] = {}  # tokens of each context so far, saved or on their way
+        self._saved: dict[str, int] = {}  # tokens of each context before the block
+        self._kept = torch.zeros(len(ctxs), dtype=torch.long, device=next(model.parameters()).device)  # in it
         self.sender = _Sender(client, next(model.parameters()).device)
         self._hidden: list[torch.Tensor | None] = [None] * len(self.layers)
         self._ids: torch.Tensor | None = None
@@ -184,10 +186,8 @@ class _Capture:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise BadRequest("capture needs input_ids: call the model (or generate) with token ids, not embeddings")
-        # On a GPU these copies wait for the queue, which is all but empty between forward passes.
-        self._ids = ids.cpu()
-        mask = kwargs.get("attention_mask")
-        self._mask = mask.bool().cpu() if mask is not None else None
+        self._ids = ids
+        self._mask = kwargs.get("attention_mask")
 
     def _layer_hook(self, i: int):  # noqa: ANN202 - a forward pre-hook
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -205,15 +205,14 @@ class _Capture:
         if b != len(self.ctxs):
             raise BadRequest(f"capture got {len(self.ctxs)} context ids for a batch of {b} rows: give one id per row")
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-        mask = self._mask[:, -t:] if self._mask is not None else None
-        tensors: dict[str, torch.Tensor] = {}  # one stack per pass for all rows, not one copy per row and layer
+        # Nothing here waits for the device (a read of ids or mask would stall a GPU's queue every step): ids and
+        # masks travel with the pass, and rows are picked on the host by the sender.
+        tensors: dict[str, torch.Tensor] = {"ids": ids.clone()}
+        if self._mask is not None:
+            tensors["mask"] = self._mask[:, -t:].bool()
         steps = []
         for row, ctx in enumerate(self.ctxs):
             info = self.info.get(ctx) or self._open(ctx, t)
-            keep = mask[row] if mask is not None and not bool(mask[row].all()) else slice(None)
-            row_ids = ids[row][keep]
-            if not len(row_ids):  # a row of padding only adds nothing
-                continue
             select: dict[str, Pick] = {}
             if info.layers.get("hidden"):
                 layers = info.layers["hidden"]
@@ -222,17 +221,16 @@ class _Capture:
                     tensors[key] = torch.stack([hidden[i][:, -t:] for i in layers])
                 select["hidden"] = partial(_rows, key, row)
             if info.layers.get("kv"):
-                select["kv"] = self._select_kv(tensors, cache, hidden, info.layers["kv"], row, t, self._saved[ctx])
-            self._saved[ctx] += len(row_ids)
+                select["kv"] = self._select_kv(tensors, cache, hidden, info.layers["kv"], row, t)
             per_token = sum(len(info.layers[name]) * info.token_bytes(rep_of(name)) for name in select)
-            steps.append((ctx, row_ids, select, keep, len(row_ids) * per_token))
-        if steps:
-            pass_ = _Pass(tensors)
-            for ctx, row_ids, select, keep, nbytes in steps:
-                self.sender.steps.put(_Step(ctx, row_ids, pass_, select, keep, nbytes))
+            steps.append((ctx, row, select, t * per_token))
+        self._kept += tensors["mask"].sum(1) if "mask" in tensors else t
+        pass_ = _Pass(tensors)
+        for ctx, row, select, nbytes in steps:
+            self.sender.steps.put(_Step(ctx, row, pass_, select, nbytes))
 
     def _select_kv(self, tensors: dict[str, torch.Tensor], cache: object, hidden: list[torch.Tensor],
-                   layers: list[int], row: int, t: int, first: int) -> Pick:
+                   layers: list[int], row: int, t: int) -> Pick:
         """K/V of this step's tokens, as [layers, t, 2, n_kv, head_dim] once on the host: from the model's own cache,
         or where a sliding-window layer's cache no longer holds them all, projected from the layer's input
         (bit-identical) for this row alone."""
@@ -250,6 +248,7 @@ class _Capture:
             if entry is not None and entry.keys.shape[2] >= t:
                 k, v = entry.keys[row, :, -t:], entry.values[row, :, -t:]  # [n_kv, t, hd]
             else:
+                first = self._saved[self.ctxs[row]] + int(self._kept[row])  # waits for the device: rare
                 positions = torch.arange(first, first + t, device=hidden[i].device)[None]
                 k, v = (x[0] for x in project_kv(self.model, i, hidden[i][row : row + 1, -t:], positions))
             per_layer.append(torch.stack([k, v]).detach().permute(2, 0, 1, 3))
