@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,17 +196,36 @@ def search_plan(tokens: int, profile: Profile, available: Sequence[Collection[st
         h_layers = [i for i in range(r, n) if options[i] == {"H"}]
         # where K/V read no slower than hidden states, H only adds work to a layer that could be KV
         either = [i for i in range(r, n) if options[i] == STORED] if c.io_kv > c.io_h else []
-        for count in range(len(either) + 1):
-            if count:
-                bisect.insort(h_layers, either[count - 1])
-            makespan, work = _evaluate(r, h_layers, n, c)
+        for count, (makespan, work) in enumerate(_sweep(r, h_layers, either, n, c)):
             if best is None or _better(makespan, work, best[0], best[1]):
-                best = (makespan, work, r, list(h_layers))
+                best = (makespan, work, r, sorted(h_layers + either[:count]))
     assert best is not None
     _, _, r, h_layers = best
     h_set = set(h_layers)
     methods = ["RE" if i < r else "H" if i in h_set else "KV" for i in range(n)]
     return simulate(methods, tokens, profile, "best", stored)
+
+
+def _sweep(r: int, h_layers: list[int], either: list[int], n: int, c: LayerCosts) -> Iterator[tuple[float, float]]:
+    """_evaluate() of h_layers plus the first 0, 1, 2, ... of `either`: one step each where every layer added comes
+    after all H layers before it (nothing earlier in the schedule changes), else from scratch."""
+    if h_layers and either and either[0] < h_layers[-1]:
+        layers = list(h_layers)
+        yield _evaluate(r, layers, n, c)
+        for layer in either:
+            bisect.insort(layers, layer)
+            yield _evaluate(r, layers, n, c)
+        return
+    clock = r * c.c_tok
+    for k, layer in enumerate(h_layers, 1):
+        clock = max(clock, k * c.io_h + (layer - r + 1 - k) * c.io_kv) + c.c_h
+    h = len(h_layers)
+    for count in range(len(either) + 1):
+        if count:
+            h += 1
+            clock = max(clock, h * c.io_h + (either[count - 1] - r + 1 - h) * c.io_kv) + c.c_h
+        io_total = h * c.io_h + (n - r - h) * c.io_kv
+        yield max(io_total, clock), io_total + r * c.c_tok + h * c.c_h
 
 
 def _evaluate(r: int, h_layers: list[int], n: int, c: LayerCosts) -> tuple[float, float]:
