@@ -280,13 +280,12 @@ class AsyncHCacheClient:
 
     def _pieces(self, offsets: list[int], start: int, end: int, dst: torch.Tensor
                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(part of dst, arena view of the same shape) pairs for tokens [start, end) of dst's streams; for a CUDA
-        dst each arena view is contiguous (one DMA each), for a CPU one runs of chunks merge."""
+        """(part of dst, arena view of the same shape) pairs for tokens [start, end) of dst's streams."""
         per_stream = len(chunk_range(start, end))
         out = []
         for k in range(dst.shape[0]):
             chunk_offsets = offsets[k * per_stream : (k + 1) * per_stream]
-            for arena_part, t, n in self._runs(chunk_offsets, start, end, dst.shape[2], merge=not dst.is_cuda):
+            for arena_part, t, n in self._runs(chunk_offsets, start, end, dst.shape[2]):
                 out.append((dst[k, t : t + n].view(arena_part.shape), arena_part))
         return out
 
@@ -294,11 +293,11 @@ class AsyncHCacheClient:
         await asyncio.get_running_loop().run_in_executor(None, landed.synchronize)
         await self._call("release", lease=lease)
 
-    def _runs(self, chunk_offsets: list[int], start: int, end: int, tb: int,
-              merge: bool = True) -> list[tuple[torch.Tensor, int, int]]:
-        """Arena views for tokens [start, end) of one stream, as (view, first token, count); with `merge`,
-        consecutive full chunks that lie one image apart merge into one strided view, so one copy moves many
-        chunks (a copy per 64-token chunk spent most of its time starting and stopping OpenMP threads)."""
+    def _runs(self, chunk_offsets: list[int], start: int, end: int,
+              tb: int) -> list[tuple[torch.Tensor, int, int]]:
+        """Arena views for tokens [start, end) of one stream, as (view, first token, count): consecutive full
+        chunks that lie one image apart merge into one strided view, so one copy moves many chunks (a copy
+        per 64-token chunk spent most of its time starting and stopping OpenMP threads)."""
         arena = self._arena.bytes
         image = chunk_image_size(tb)
         runs: list[list[int]] = []  # [arena offset, first token, tokens, chunks merged (0: a partial chunk)]
@@ -306,7 +305,7 @@ class AsyncHCacheClient:
         for pos, first, count in segments(start, end):
             off = chunk_offsets[pos] + first * tb
             prev = runs[-1] if runs else None
-            if (merge and count == CHUNK_TOKENS and prev is not None and prev[3]
+            if (count == CHUNK_TOKENS and prev is not None and prev[3]
                     and prev[0] + prev[3] * image == off):
                 prev[2] += count
                 prev[3] += 1
