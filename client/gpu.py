@@ -9,13 +9,24 @@ import torch
 log = logging.getLogger("hcache.client")
 
 
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """One copy stream per device for the whole process: device memory cached for one stream is reused only by
+    that stream, so a stream per client would allocate afresh for every client's first restores."""
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
+
+
 class GpuCopier:
     """Page-locks (cudaHostRegister) one host mapping and DMAs pieces of it to GPU tensors on a copy stream."""
 
     def __init__(self, host: torch.Tensor, device: torch.device) -> None:
         self.host = host
         self.device = device
-        self.stream = torch.cuda.Stream(device)
+        self.stream = _copy_stream(device)
         with torch.cuda.device(device):
             err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), 0)
         self.registered = int(err) == 0
