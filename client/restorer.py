@@ -6,16 +6,20 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import threading
 
 import torch
 
 from hcache.client.costs import Profile
 from hcache.client.errors import BadRequest, ModelMismatch
+from hcache.client.gil import responsive
 from hcache.client.layout import ContextInfo
 from hcache.client.sync import HCacheClient
+from hcache.layout.geometry import Rep
 
 METHODS = ("auto", "hidden", "kv", "recompute")
 _LAYERS_IN_FLIGHT = 3
+_READ_AHEAD_BYTES = 1 << 30  # read but not yet used: on a GPU, device memory
 _REP = {"H": "hidden", "KV": "kv"}
 
 
@@ -51,7 +55,7 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
             model_id: str | None = None, profile: Profile | None = None) -> tuple[object, torch.Tensor]:
     """A transformers cache holding context `ctx`, and its tokens as a LongTensor [1, n]; continue with
     model.generate(torch.cat([token_ids, new_ids], 1), cache=cache)."""
-    from hcache.client.projection import build_cache, fingerprint, geometry_of, project_kv, recompute_prefix
+    from hcache.client.projection import build_cache, fingerprint, geometry_of
 
     if method not in METHODS:
         raise BadRequest(f"method={method!r}: use one of {METHODS}")
@@ -63,19 +67,43 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
     n = info.n_tokens
     if n == 0:
         raise BadRequest(f"context {ctx!r} holds no tokens yet: there is nothing to restore")
+    with responsive():  # the client's IO thread gets the GIL while this one launches kernels
+        kv, token_ids = _rebuild(model, client, ctx, info, method, profile)
+    return build_cache(model, kv), token_ids[None]
+
+
+def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: ContextInfo, method: str,
+             profile: Profile | None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Every layer's K, V [1, n_kv, n, head_dim] by the chosen methods, and the context's token ids [n]."""
+    from hcache.client.projection import project_kv, recompute_prefix
+
+    n = info.n_tokens
     token_ids, passes = client.tokens_and_passes(ctx, n)  # passes: redo the model's arithmetic in its pieces
     device = next(model.parameters()).device
     methods = choose_methods(info, method, len(passes), device.type, profile)
     r = methods.count("RE")
     pending = collections.deque(i for i in range(r, len(methods)))
-    reads: dict[int, concurrent.futures.Future] = {}
+    reads: dict[int, concurrent.futures.Future] = {}  # started, not yet used
+    in_flight = 0
+    # The plan has the reads stream from time 0, the recompute prefix meanwhile: a finished read starts the next
+    # one (from the client's thread), up to a bound on what is read but not used yet.
+    layer_bytes = n * max(info.geometry.token_bytes(Rep.HIDDEN), info.geometry.token_bytes(Rep.KV))
+    ahead = max(_LAYERS_IN_FLIGHT, _READ_AHEAD_BYTES // layer_bytes)
+    lock = threading.RLock()  # a read that is already done runs its callback at once, in the starting thread
 
-    def start_reads() -> None:
-        # On CUDA the client DMAs each layer from the arena to the GPU on a copy stream: layer i+1 crosses PCIe
-        # while layer i is projected.
-        while pending and len(reads) < _LAYERS_IN_FLIGHT:
-            i = pending.popleft()
-            reads[i] = client.restore_future(ctx, _REP[methods[i]], [i], 0, n, device=device)
+    def start_reads(done: concurrent.futures.Future | None = None) -> None:
+        nonlocal in_flight
+        with lock:
+            if done is not None:
+                in_flight -= 1
+                if done.exception() is not None:
+                    pending.clear()  # the restore fails with it: read no more
+            while pending and in_flight < _LAYERS_IN_FLIGHT and len(reads) < ahead:
+                i = pending.popleft()
+                # On CUDA the client DMAs each layer from the arena to the GPU on a copy stream.
+                reads[i] = client.restore_future(ctx, _REP[methods[i]], [i], 0, n, device=device)
+                in_flight += 1
+                reads[i].add_done_callback(start_reads)
 
     start_reads()
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -85,8 +113,10 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
         positions = torch.arange(n, device=device)[None]
         bounds = [0, *itertools.accumulate(passes)]
         for i in range(r, len(methods)):
-            data = reads.pop(i).result()[0]
-            start_reads()
+            data = reads[i].result()[0]
+            with lock:
+                del reads[i]
+            start_reads(None)
             if device.type == "cuda":  # allocated on the copy stream: keep it from reuse while this one reads it
                 data.record_stream(torch.cuda.current_stream(device))
             if methods[i] == "H":
@@ -95,5 +125,5 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
                 kv.append((torch.cat([k for k, _ in pieces], 2), torch.cat([v for _, v in pieces], 2)))
             else:  # [T, 2, n_kv, hd] -> K, V as [1, n_kv, T, hd]
                 kv.append((data[:, 0].transpose(0, 1)[None], data[:, 1].transpose(0, 1)[None]))
-    return build_cache(model, kv), token_ids[None]
+    return kv, token_ids
 
