@@ -53,7 +53,11 @@ DRAM = {"cpu": "512MiB", "cuda": "1GiB"}  # hcached pre-faults its arena at star
 PROFILE_T = {"cpu": ((128, 256, 512), 1), "cuda": ((512, 1024, 2048), 3)}  # profiler token counts, repeats
 COLD_BUDGET_S = 1.0  # repeat a restore (up to --repeat times) only while its samples took less than this in all
 PROJECTION_RUNS = 2  # alternating runs of projection and recompute for projection_vs_recompute
-LEVEL_ROUNDS = 2  # cold samples per method and throttle, taken in turn: load that drifts hits every method alike
+# Cold samples per method and throttle, taken in turn so that load and disk speed that drift hit every method
+# alike: at least LEVEL_ROUNDS, more (up to MAX_LEVEL_ROUNDS) while a level's samples took under LEVEL_BUDGET_S.
+LEVEL_ROUNDS = 2
+MAX_LEVEL_ROUNDS = 7
+LEVEL_BUDGET_S = 3.0
 PROMPT_TOKENS = 16
 GOALS = {"projection_vs_recompute": 6.0, "auto_vs_best_single": 0.95, "auto_vs_best_single_balanced": 1.0,
          "capture_tbt_overhead": 0.02}
@@ -334,7 +338,9 @@ def auto_vs_best(model: LlamaForCausalLM, hc: Hcached, base: Profile, unthrottle
     for level, throttle in throttles.items():
         hc.start(throttle)
         samples: dict[str, list[float]] = {"KV": [], "H": [], "auto": []}
-        for _ in range(LEVEL_ROUNDS):
+        rounds = 0
+        while rounds < LEVEL_ROUNDS or (rounds < MAX_LEVEL_ROUNDS and sum(map(sum, samples.values())) < LEVEL_BUDGET_S):
+            rounds += 1
             for method, got in samples.items():
                 if method == "auto" and len(got) == 0:  # plan with reads as fast as the first all-KV restore
                     prof = io_fitted(base, samples["KV"][0], layers, T_RATIOS)
