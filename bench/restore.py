@@ -75,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="model dtype")
     p.add_argument("--repeat", type=int, default=3, help="most samples of one restore; the median is reported")
     p.add_argument("--tbt-tokens", type=int, default=32, help="tokens generated per decode-overhead run")
-    p.add_argument("--tbt-repeat", type=int, default=3, help="off/on pairs of decode-overhead runs per batch")
+    p.add_argument("--tbt-repeat", type=int, default=5, help="off/on pairs of decode-overhead runs per batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     args = p.parse_args()
