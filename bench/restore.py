@@ -54,8 +54,9 @@ PROFILE_T = {"cpu": ((128, 256, 512), 1), "cuda": ((512, 1024, 2048), 3)}  # pro
 COLD_BUDGET_S = 1.0  # repeat a restore (up to --repeat times) only while its samples took less than this in all
 PROJECTION_RUNS = 2  # alternating runs of projection and recompute for projection_vs_recompute
 # Cold samples per method and throttle, taken in turn so that load and disk speed that drift hit every method
-# alike: at least LEVEL_ROUNDS, more (up to MAX_LEVEL_ROUNDS) while a level's samples took under LEVEL_BUDGET_S.
-LEVEL_ROUNDS = 2
+# alike, each round starting with the next method (the second restore after a restart ran slower here): at least
+# LEVEL_ROUNDS, more (up to MAX_LEVEL_ROUNDS) while a level's samples took under LEVEL_BUDGET_S.
+LEVEL_ROUNDS = 3
 MAX_LEVEL_ROUNDS = 7
 LEVEL_BUDGET_S = 3.0
 PROMPT_TOKENS = 16
@@ -340,8 +341,10 @@ def auto_vs_best(model: LlamaForCausalLM, hc: Hcached, base: Profile, unthrottle
         samples: dict[str, list[float]] = {"KV": [], "H": [], "auto": []}
         rounds = 0
         while rounds < LEVEL_ROUNDS or (rounds < MAX_LEVEL_ROUNDS and sum(map(sum, samples.values())) < LEVEL_BUDGET_S):
+            order = list(samples)[rounds % 3 :] + list(samples)[: rounds % 3]
             rounds += 1
-            for method, got in samples.items():
+            for method in order:
+                got = samples[method]
                 if method == "auto" and len(got) == 0:  # plan with reads as fast as the first all-KV restore
                     prof = io_fitted(base, samples["KV"][0], layers, T_RATIOS)
                     save_profile(prof)
