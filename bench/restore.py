@@ -57,8 +57,8 @@ PROJECTION_RUNS = 2  # alternating runs of projection and recompute for projecti
 # alike, each round starting with the next method (the second restore after a restart ran slower here): at least
 # LEVEL_ROUNDS, more (up to MAX_LEVEL_ROUNDS) while a level's samples took under LEVEL_BUDGET_S.
 LEVEL_ROUNDS = 3
-MAX_LEVEL_ROUNDS = 7
-LEVEL_BUDGET_S = 3.0
+MAX_LEVEL_ROUNDS = 9
+LEVEL_BUDGET_S = 8.0
 PROMPT_TOKENS = 16
 GOALS = {"projection_vs_recompute": 6.0, "auto_vs_best_single": 0.95, "auto_vs_best_single_balanced": 1.0,
          "capture_tbt_overhead": 0.02}
