@@ -51,17 +51,28 @@ def fingerprint(model: nn.Module, model_id: str | None = None) -> str:
     return f"{arch}:{h.hexdigest()}"
 
 
-def project_kv(model: nn.Module, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor) -> KV:
+def rope_tables(model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> KV | None:
+    """cos, sin of the model's rotary embedding at positions [B, T] (None for a model without one): the model
+    computes them once per forward for all its layers, and so can a restore for all the layers it projects."""
+    if not family_of(model).rope:
+        return None
+    with torch.no_grad():
+        # They take the dtype of the embeddings, which is the layer inputs' one.
+        return model.base_model.rotary_emb(hidden.to(model.dtype), position_ids.to(hidden.device))
+
+
+def project_kv(model: nn.Module, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor,
+               rope: KV | None = None) -> KV:
     """K, V [B, n_kv, T, head_dim] of `layer` from its input hidden state [B, T, D] at positions [B, T], computed by
-    the layer's own modules: bit-identical to what the model's prefill of the same tokens puts in its cache."""
+    the layer's own modules: bit-identical to what the model's prefill of the same tokens puts in its cache.
+    `rope`: rope_tables() for these positions, when the caller projects several layers."""
     family = family_of(model)
     module = _layer(model, layer)
     hidden = hidden.to(device=next(module.parameters()).device, dtype=model.dtype)
     with torch.no_grad():
         k, v = family.kv(module, hidden)
         if family.rope:
-            # The model computes cos/sin once from its embeddings; they have the layer input's dtype.
-            cos, sin = model.base_model.rotary_emb(hidden, position_ids.to(hidden.device))
+            cos, sin = rope if rope is not None else rope_tables(model, hidden, position_ids)
             # The family's apply_rotary_pos_emb rotates (q, k) independently; one head stands in for q.
             _, k = rope_of(getattr(module, family.attn))(k[:, :1], k, cos.to(k.device), sin.to(k.device))
     return k, v
