@@ -23,20 +23,21 @@ STORE_CHOICES = ("plan", "hidden", "kv", "both")
 _BATCH_BYTES = 32 << 20
 _MAX_DELAY_S = 5.0
 _DUE = object()  # the sender's wake-up when held-back steps have waited long enough
-Pick = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # one row's data out of a pass's tensors on the host
+Key = str | tuple  # of a pass's tensors: "ids", "mask", ("hidden", layers), ("kv", layers, "k"|"v"|row)
+Pick = Callable[[dict[Key, torch.Tensor]], torch.Tensor]  # one row's data out of a pass's tensors on the host
 
 
 class _Pass:
     """The tensors one forward pass captured for all batch rows, left on the model's device until the sender copies
     them to the host: a decode step never waits for a copy, nor allocates page-locked memory."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, tensors: dict[Key, torch.Tensor]) -> None:
         self.tensors = tensors
         first = next(iter(tensors.values()))
         self.ready = torch.cuda.current_stream(first.device).record_event() if first.is_cuda else None
-        self._host: dict[str, torch.Tensor] | None = None
+        self._host: dict[Key, torch.Tensor] | None = None
 
-    def host(self, stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
+    def host(self, stream: torch.cuda.Stream | None) -> dict[Key, torch.Tensor]:
         """The tensors on the host; from a GPU copied on `stream` (the sender's), after the pass's kernels."""
         if self._host is None:
             if self.ready is None:
@@ -49,16 +50,16 @@ class _Pass:
         return self._host
 
 
-def _rows(key: str, row: int, host: dict[str, torch.Tensor]) -> torch.Tensor:
+def _rows(key: Key, row: int, host: dict[Key, torch.Tensor]) -> torch.Tensor:
     return host[key][:, row]
 
 
-def _kv_rows(key: str, row: int, host: dict[str, torch.Tensor]) -> torch.Tensor:
+def _kv_rows(key: Key, row: int, host: dict[Key, torch.Tensor]) -> torch.Tensor:
     """[layers, t, 2, n_kv, head_dim] of one row from keys and values stacked as [layers, B, n_kv, t, head_dim]."""
-    return torch.stack([host[key + ".k"][:, row], host[key + ".v"][:, row]], 1).permute(0, 3, 1, 2, 4)
+    return torch.stack([host[key + ("k",)][:, row], host[key + ("v",)][:, row]], 1).permute(0, 3, 1, 2, 4)
 
 
-def _whole(key: str, host: dict[str, torch.Tensor]) -> torch.Tensor:
+def _whole(key: Key, host: dict[Key, torch.Tensor]) -> torch.Tensor:
     return host[key]
 
 
@@ -156,6 +157,8 @@ class _Capture:
         self.geometry = geometry_of(model)
         self.fingerprint = fingerprint(model, model_id)
         self.info: dict[str, ContextInfo] = {}
+        self._layers: dict[str, dict[str, tuple[int, ...]]] = {}  # per context: what it stores, as stack keys
+        self._token_bytes: dict[str, int] = {}
         self._saved: dict[str, int] = {}  # tokens of each context before the block
         self._kept = torch.zeros(len(ctxs), dtype=torch.long, device=next(model.parameters()).device)  # in it
         self.sender = _Sender(client, next(model.parameters()).device)
@@ -207,44 +210,53 @@ class _Capture:
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         # Nothing here waits for the device (a read of ids or mask would stall a GPU's queue every step): ids and
         # masks travel with the pass, and rows are picked on the host by the sender.
-        tensors: dict[str, torch.Tensor] = {"ids": ids.clone()}
+        tensors: dict[Key, torch.Tensor] = {"ids": ids.clone()}
         if self._mask is not None:
             tensors["mask"] = self._mask[:, -t:].bool()
+        kv_stacked: dict[tuple[int, ...], Key | None] = {}  # per layer set: K/V of every row in one stack
         steps = []
         for row, ctx in enumerate(self.ctxs):
-            info = self.info.get(ctx) or self._open(ctx, t)
+            if ctx not in self.info:
+                self._open(ctx, t)
             select: dict[str, Pick] = {}
-            if info.layers.get("hidden"):
-                layers = info.layers["hidden"]
-                key = f"hidden{layers}"
+            if layers := self._layers[ctx]["hidden"]:
+                key = ("hidden", layers)
                 if key not in tensors:
                     tensors[key] = torch.stack([hidden[i][:, -t:] for i in layers])
                 select["hidden"] = partial(_rows, key, row)
-            if info.layers.get("kv"):
-                select["kv"] = self._select_kv(tensors, cache, hidden, info.layers["kv"], row, t)
-            per_token = sum(len(info.layers[name]) * info.token_bytes(rep_of(name)) for name in select)
-            steps.append((ctx, row, select, t * per_token))
+            if layers := self._layers[ctx]["kv"]:
+                if layers not in kv_stacked:
+                    kv_stacked[layers] = self._stack_kv(tensors, cache, layers, t)
+                key = kv_stacked[layers]
+                select["kv"] = (partial(_kv_rows, key, row) if key is not None
+                                else self._row_kv(tensors, cache, hidden, layers, row, t))
+            steps.append((ctx, row, select, t * self._token_bytes[ctx]))
         self._kept += tensors["mask"].sum(1) if "mask" in tensors else t
         pass_ = _Pass(tensors)
         for ctx, row, select, nbytes in steps:
             self.sender.steps.put(_Step(ctx, row, pass_, select, nbytes))
 
-    def _select_kv(self, tensors: dict[str, torch.Tensor], cache: object, hidden: list[torch.Tensor],
-                   layers: list[int], row: int, t: int) -> Pick:
-        """K/V of this step's tokens, as [layers, t, 2, n_kv, head_dim] once on the host: from the model's own cache,
-        or where a sliding-window layer's cache no longer holds them all, projected from the layer's input
-        (bit-identical) for this row alone."""
+    @staticmethod
+    def _stack_kv(tensors: dict[Key, torch.Tensor], cache: object, layers: tuple[int, ...], t: int) -> Key | None:
+        """Stack this step's keys and values of these layers for all rows, each [layers, B, n_kv, t, head_dim], from
+        the model's own cache; None where a sliding-window layer's cache no longer holds them all."""
+        entries = [cache.layers[i] if cache is not None and len(cache.layers) > i else None for i in layers]
+        if not all(e is not None and e.keys.shape[2] >= t for e in entries):
+            return None
+        key = ("kv", layers)
+        tensors[key + ("k",)] = torch.stack([e.keys[:, :, -t:] for e in entries])
+        tensors[key + ("v",)] = torch.stack([e.values[:, :, -t:] for e in entries])
+        return key
+
+    def _row_kv(self, tensors: dict[Key, torch.Tensor], cache: object, hidden: list[torch.Tensor],
+                layers: tuple[int, ...], row: int, t: int) -> Pick:
+        """K/V of one row's tokens as [layers, t, 2, n_kv, head_dim]: from the cache where it holds them, else
+        projected from the layer's input (bit-identical)."""
         from hcache.client.projection import project_kv
 
-        entries = [cache.layers[i] if cache is not None and len(cache.layers) > i else None for i in layers]
-        if all(e is not None and e.keys.shape[2] >= t for e in entries):
-            key = f"kv{layers}"
-            if key + ".k" not in tensors:
-                tensors[key + ".k"] = torch.stack([e.keys[:, :, -t:] for e in entries])
-                tensors[key + ".v"] = torch.stack([e.values[:, :, -t:] for e in entries])
-            return partial(_kv_rows, key, row)
         per_layer = []
-        for i, entry in zip(layers, entries, strict=True):
+        for i in layers:
+            entry = cache.layers[i] if cache is not None and len(cache.layers) > i else None
             if entry is not None and entry.keys.shape[2] >= t:
                 k, v = entry.keys[row, :, -t:], entry.values[row, :, -t:]  # [n_kv, t, hd]
             else:
@@ -252,7 +264,7 @@ class _Capture:
                 positions = torch.arange(first, first + t, device=hidden[i].device)[None]
                 k, v = (x[0] for x in project_kv(self.model, i, hidden[i][row : row + 1, -t:], positions))
             per_layer.append(torch.stack([k, v]).detach().permute(2, 0, 1, 3))
-        key = f"kv{layers}.row{row}"
+        key = ("kv", layers, row)
         tensors[key] = torch.stack(per_layer)
         return partial(_whole, key)
 
@@ -260,6 +272,9 @@ class _Capture:
         info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry, layers=self._layers_to_store(t))
         self.info[ctx] = info
         self._saved[ctx] = info.n_tokens
+        self._layers[ctx] = {name: tuple(info.layers.get(name, ())) for name in ("hidden", "kv")}
+        self._token_bytes[ctx] = sum(len(layers) * info.token_bytes(rep_of(name))
+                                     for name, layers in self._layers[ctx].items())
         return info
 
     def _layers_to_store(self, t: int) -> dict[str, list[int]]:
