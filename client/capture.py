@@ -104,19 +104,19 @@ class _Sender:
         pending: list[_Step] = []
         size, deadline = 0, 0.0
         while True:
-            try:
-                step = self.steps.get(timeout=max(0.0, deadline - time.monotonic()) if pending else None)
+            try:  # a forward pass's steps, one per batch row, come as one list
+                item = self.steps.get(timeout=max(0.0, deadline - time.monotonic()) if pending else None)
             except queue.Empty:
-                step = _DUE
-            if isinstance(step, _Step):
+                item = _DUE
+            if isinstance(item, list):
                 if not pending:
                     deadline = time.monotonic() + _MAX_DELAY_S
-                pending.append(step)
-                size += step.nbytes
-            if pending and (step is None or step is _DUE or size >= _BATCH_BYTES):
+                pending += item
+                size += sum(step.nbytes for step in item)
+            if pending and (item is None or item is _DUE or size >= _BATCH_BYTES):
                 self._send(pending)
                 pending, size = [], 0
-            if step is None:
+            if item is None:
                 return
 
     def _send(self, steps: list[_Step]) -> None:
@@ -222,7 +222,7 @@ class _Capture:
             if layers := self._layers[ctx]["hidden"]:
                 key = ("hidden", layers)
                 if key not in tensors:
-                    tensors[key] = torch.stack([hidden[i][:, -t:] for i in layers])
+                    tensors[key] = torch.stack([hidden[i] for i in layers])  # a layer's input holds the t tokens
                 select["hidden"] = partial(_rows, key, row)
             if layers := self._layers[ctx]["kv"]:
                 if layers not in kv_stacked:
@@ -233,8 +233,7 @@ class _Capture:
             steps.append((ctx, row, select, t * self._token_bytes[ctx]))
         self._kept += tensors["mask"].sum(1) if "mask" in tensors else t
         pass_ = _Pass(tensors)
-        for ctx, row, select, nbytes in steps:
-            self.sender.steps.put(_Step(ctx, row, pass_, select, nbytes))
+        self.sender.steps.put([_Step(ctx, row, pass_, select, nbytes) for ctx, row, select, nbytes in steps])
 
     @staticmethod
     def _stack_kv(tensors: dict[Key, torch.Tensor], cache: object, layers: tuple[int, ...], t: int) -> Key | None:
