@@ -13,8 +13,9 @@ from functools import partial
 import torch
 
 from hcache.client.errors import BadRequest
-from hcache.client.layout import ContextInfo, rep_of
+from hcache.client.layout import ContextInfo
 from hcache.client.sync import HCacheClient
+from hcache.layout.geometry import Rep
 
 STORE_CHOICES = ("plan", "hidden", "kv", "both")
 
@@ -79,6 +80,21 @@ class _Step:
         mask = host.get("mask")
         keep = mask[self.row] if mask is not None and not bool(mask[self.row].all()) else slice(None)
         return host["ids"][self.row, keep], {name: pick(host)[:, keep] for name, pick in self.select.items()}
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What one context keeps, worked out once when the block first sees it."""
+
+    info: ContextInfo  # as opened: n_tokens is the context's length before the block
+    hidden: tuple[int, ...]  # layers, also the key part of their stack
+    kv: tuple[int, ...]
+    token_bytes: int  # per token, over both
+
+    @classmethod
+    def of(cls, info: ContextInfo) -> _Stored:
+        hidden, kv = (tuple(info.layers.get(name, ())) for name in ("hidden", "kv"))
+        return cls(info, hidden, kv, len(hidden) * info.token_bytes(Rep.HIDDEN) + len(kv) * info.token_bytes(Rep.KV))
 
 
 @dataclass
@@ -156,11 +172,8 @@ class _Capture:
         self.layers = decoder_layers(model)
         self.geometry = geometry_of(model)
         self.fingerprint = fingerprint(model, model_id)
-        self.info: dict[str, ContextInfo] = {}
-        self._layers: dict[str, dict[str, tuple[int, ...]]] = {}  # per context: what it stores, as stack keys
-        self._token_bytes: dict[str, int] = {}
-        self._saved: dict[str, int] = {}  # tokens of each context before the block
-        self._kept = torch.zeros(len(ctxs), dtype=torch.long, device=next(model.parameters()).device)  # in it
+        self.stored: dict[str, _Stored] = {}
+        self._kept = torch.zeros(len(ctxs), dtype=torch.long, device=next(model.parameters()).device)  # in the block
         self.sender = _Sender(client, next(model.parameters()).device)
         self._hidden: list[torch.Tensor | None] = [None] * len(self.layers)
         self._ids: torch.Tensor | None = None
@@ -182,7 +195,7 @@ class _Capture:
         if self.sender.error is not None:
             raise self.sender.error
         if exc[0] is None:
-            for ctx in self.info:
+            for ctx in self.stored:
                 self.client.flush(ctx)
 
     def _on_model_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -216,21 +229,20 @@ class _Capture:
         kv_stacked: dict[tuple[int, ...], Key | None] = {}  # per layer set: K/V of every row in one stack
         steps = []
         for row, ctx in enumerate(self.ctxs):
-            if ctx not in self.info:
-                self._open(ctx, t)
+            stored = self.stored.get(ctx) or self._open(ctx, t)
             select: dict[str, Pick] = {}
-            if layers := self._layers[ctx]["hidden"]:
+            if layers := stored.hidden:
                 key = ("hidden", layers)
                 if key not in tensors:
                     tensors[key] = torch.stack([hidden[i] for i in layers])  # a layer's input holds the t tokens
                 select["hidden"] = partial(_rows, key, row)
-            if layers := self._layers[ctx]["kv"]:
+            if layers := stored.kv:
                 if layers not in kv_stacked:
                     kv_stacked[layers] = self._stack_kv(tensors, cache, layers, t)
                 key = kv_stacked[layers]
                 select["kv"] = (partial(_kv_rows, key, row) if key is not None
                                 else self._row_kv(tensors, cache, hidden, layers, row, t))
-            steps.append((ctx, row, select, t * self._token_bytes[ctx]))
+            steps.append((ctx, row, select, t * stored.token_bytes))
         self._kept += tensors["mask"].sum(1) if "mask" in tensors else t
         pass_ = _Pass(tensors)
         self.sender.steps.put([_Step(ctx, row, pass_, select, nbytes) for ctx, row, select, nbytes in steps])
@@ -259,7 +271,7 @@ class _Capture:
             if entry is not None and entry.keys.shape[2] >= t:
                 k, v = entry.keys[row, :, -t:], entry.values[row, :, -t:]  # [n_kv, t, hd]
             else:
-                first = self._saved[self.ctxs[row]] + int(self._kept[row])  # waits for the device: rare
+                first = self.stored[self.ctxs[row]].info.n_tokens + int(self._kept[row])  # waits for the device: rare
                 positions = torch.arange(first, first + t, device=hidden[i].device)[None]
                 k, v = (x[0] for x in project_kv(self.model, i, hidden[i][row : row + 1, -t:], positions))
             per_layer.append(torch.stack([k, v]).detach().permute(2, 0, 1, 3))
@@ -267,14 +279,10 @@ class _Capture:
         tensors[key] = torch.stack(per_layer)
         return partial(_whole, key)
 
-    def _open(self, ctx: str, t: int) -> ContextInfo:
+    def _open(self, ctx: str, t: int) -> _Stored:
         info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry, layers=self._layers_to_store(t))
-        self.info[ctx] = info
-        self._saved[ctx] = info.n_tokens
-        self._layers[ctx] = {name: tuple(info.layers.get(name, ())) for name in ("hidden", "kv")}
-        self._token_bytes[ctx] = sum(len(layers) * info.token_bytes(rep_of(name))
-                                     for name, layers in self._layers[ctx].items())
-        return info
+        self.stored[ctx] = _Stored.of(info)
+        return self.stored[ctx]
 
     def _layers_to_store(self, t: int) -> dict[str, list[int]]:
         every = list(range(self.geometry.num_layers))

@@ -84,7 +84,6 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
     r = methods.count("RE")
     pending = collections.deque(i for i in range(r, len(methods)))
     reads: dict[int, concurrent.futures.Future] = {}  # started, not yet used
-    in_flight = 0
     # The plan has the reads stream from time 0, the recompute prefix meanwhile: a finished read starts the next
     # one (from the client's thread), up to a bound on what is read but not used yet.
     layer_bytes = n * max(info.geometry.token_bytes(Rep.HIDDEN), info.geometry.token_bytes(Rep.KV))
@@ -92,17 +91,14 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
     lock = threading.RLock()  # a read that is already done runs its callback at once, in the starting thread
 
     def start_reads(done: concurrent.futures.Future | None = None) -> None:
-        nonlocal in_flight
         with lock:
-            if done is not None:
-                in_flight -= 1
-                if done.exception() is not None:
-                    pending.clear()  # the restore fails with it: read no more
-            while pending and in_flight < _LAYERS_IN_FLIGHT and len(reads) < ahead:
+            if done is not None and done.exception() is not None:
+                pending.clear()  # the restore fails with it: read no more
+            while (pending and len(reads) < ahead
+                   and sum(not f.done() for f in reads.values()) < _LAYERS_IN_FLIGHT):
                 i = pending.popleft()
                 # On CUDA the client DMAs each layer from the arena to the GPU on a copy stream.
                 reads[i] = client.restore_future(ctx, _REP[methods[i]], [i], 0, n, device=device)
-                in_flight += 1
                 reads[i].add_done_callback(start_reads)
 
     start_reads()
@@ -117,7 +113,7 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
             data = reads[i].result()[0]
             with lock:
                 del reads[i]
-            start_reads(None)
+            start_reads()
             if device.type == "cuda":  # allocated on the copy stream: keep it from reuse while this one reads it
                 data.record_stream(torch.cuda.current_stream(device))
             if methods[i] == "H":
