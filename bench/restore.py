@@ -297,10 +297,10 @@ def balance_points(base: Profile, tokens: int) -> list[float]:
     """Read rates (bytes/s, fastest first) at which the fastest single method changes, so two tie: scanned over
     1 MB/s to 1 TB/s, then bisected."""
     grid = [10 ** (6 + 6 * k / 240) for k in range(241)]
+    fastest = [fastest_single(base, tokens, rate) for rate in grid]
     points = []
-    for lo, hi in itertools.pairwise(grid):
-        if fastest_single(base, tokens, lo) != fastest_single(base, tokens, hi):
-            slow_side = fastest_single(base, tokens, lo)
+    for (lo, hi), (slow_side, fast_side) in zip(itertools.pairwise(grid), itertools.pairwise(fastest), strict=True):
+        if slow_side != fast_side:
             for _ in range(40):
                 mid = math.sqrt(lo * hi)
                 lo, hi = (mid, hi) if fastest_single(base, tokens, mid) == slow_side else (lo, mid)
