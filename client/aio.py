@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from hcache.client.copies import copy_into
 from hcache.client.errors import BadRequest
 from hcache.client.gpu import GpuCopier
 from hcache.client.layout import TORCH_DTYPES, ContextInfo, rep_of, stream_bytes
@@ -173,7 +174,7 @@ class AsyncHCacheClient:
         for k, src in enumerate(pieces):
             chunk_offsets = lease["offsets"][k * per_stream : (k + 1) * per_stream]
             for arena_part, t, n in self._runs(chunk_offsets, start, end, src.shape[1]):
-                arena_part.copy_(src[t : t + n].view(arena_part.shape))
+                copy_into(arena_part, src[t : t + n].view(arena_part.shape))
 
     # -- restoring --------------------------------------------------------------------------------
     async def restore(self, ctx: str, rep: str, layers: Sequence[int] | None = None, start: int = 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import threading
@@ -12,74 +13,92 @@ from functools import partial
 
 import torch
 
+from hcache.client.copies import cat_into
 from hcache.client.errors import BadRequest
 from hcache.client.layout import ContextInfo
+from hcache.client.staging import StagingPool
 from hcache.client.sync import HCacheClient
 from hcache.layout.geometry import Rep
 
 STORE_CHOICES = ("plan", "hidden", "kv", "both")
 
 
-# Held-back steps are bounded in host memory and in age; leaving the block sends the rest.
+# Held-back passes are bounded in host memory and in age; leaving the block sends the rest. An append costs the
+# client and the daemon about a millisecond of CPU each besides its bytes, once per context: at batch 8 and 5 s
+# that was a third of capture's CPU per decode step on the VM's 2 cores.
 _BATCH_BYTES = 32 << 20
-_MAX_DELAY_S = 5.0
-_DUE = object()  # the sender's wake-up when held-back steps have waited long enough
-Key = str | tuple  # of a pass's tensors: "ids", "mask", ("hidden", layers), ("kv", layers, "k"|"v"|row)
+_MAX_DELAY_S = 15.0
+# Host memory for a held-back batch's passes on a CPU and for the passes joined, each twice while the model goes on.
+_STAGING = StagingPool(keep_bytes=4 * _BATCH_BYTES)
+Key = str | tuple  # of a pass's tensors: "ids", "mask", ("hidden", layers), ("kv", layers), ("kv", layers, row)
 Pick = Callable[[dict[Key, torch.Tensor]], torch.Tensor]  # one row's data out of a pass's tensors on the host
+
+
+def _rows_major(key: Key, t: torch.Tensor) -> torch.Tensor:
+    """A view of a pass's tensor in the order a context stores it: [layers, B, t, ...] for the layer data of all rows
+    (keys and values are captured as [2 * layers, B, n_kv, t, head_dim], each layer's keys then its values, and seen
+    as [layers, B, t, 2, n_kv, head_dim]), [layers, t, ...] for one row's, [B, t] for ids and mask."""
+    if isinstance(key, tuple) and key[0] == "kv" and len(key) == 2:
+        layers2, b, n_kv, n, hd = t.shape
+        return t.view(layers2 // 2, 2, b, n_kv, n, hd).permute(0, 2, 4, 1, 3, 5)
+    return t
+
+
+def _token_dim(key: Key) -> int:
+    """The axis of _rows_major's view that holds the tokens."""
+    return 2 if isinstance(key, tuple) and len(key) == 2 else 1
+
+
+@dataclass
+class _Row:
+    """One batch row of a forward pass: its context, and how to pick each stored layer's data for it ([layers, t,
+    ...]) out of the pass's tensors."""
+
+    ctx: str
+    row: int
+    select: dict[str, Pick]
 
 
 class _Pass:
     """The tensors one forward pass captured for all batch rows, left on the model's device until the sender copies
     them to the host: a decode step never waits for a copy, nor allocates page-locked memory."""
 
-    def __init__(self, tensors: dict[Key, torch.Tensor]) -> None:
+    def __init__(self, tensors: dict[Key, torch.Tensor], rows: list[_Row], nbytes: int,
+                 staged: list[torch.Tensor]) -> None:
         self.tensors = tensors
+        self.staged = staged  # pooled buffers under the tensors, on a CPU
+        self.rows = rows
+        self.nbytes = nbytes  # at most; padding is dropped only on the host
         first = next(iter(tensors.values()))
         self.ready = torch.cuda.current_stream(first.device).record_event() if first.is_cuda else None
-        self._host: dict[Key, torch.Tensor] | None = None
+        self.tokens = first.shape[1]  # ids come first
 
     def host(self, stream: torch.cuda.Stream | None) -> dict[Key, torch.Tensor]:
         """The tensors on the host; from a GPU copied on `stream` (the sender's), after the pass's kernels."""
-        if self._host is None:
-            if self.ready is None:
-                self._host = self.tensors
-            else:
-                with torch.cuda.stream(stream):
-                    stream.wait_event(self.ready)
-                    self._host = {k: v.to("cpu") for k, v in self.tensors.items()}
-            self.tensors = {}  # device memory goes back once every row's step has been copied
-        return self._host
+        if self.ready is None:
+            return self.tensors
+        with torch.cuda.stream(stream):
+            stream.wait_event(self.ready)
+            return {k: v.to("cpu") for k, v in self.tensors.items()}
+
+    def joins(self, other: _Pass) -> bool:
+        """Whether `other` holds the same tensors but for its tokens, so the two can be picked from as one (rows
+        and what they store are the block's, the same in every pass)."""
+        return self.tensors.keys() == other.tensors.keys() and all(
+            _others(k, v) == _others(k, other.tensors[k]) for k, v in self.tensors.items())
+
+
+def _others(key: Key, t: torch.Tensor) -> tuple[int, ...]:
+    shape, dim = _rows_major(key, t).shape, _token_dim(key)
+    return shape[:dim] + shape[dim + 1 :]
 
 
 def _rows(key: Key, row: int, host: dict[Key, torch.Tensor]) -> torch.Tensor:
     return host[key][:, row]
 
 
-def _kv_rows(key: Key, row: int, host: dict[Key, torch.Tensor]) -> torch.Tensor:
-    """[layers, t, 2, n_kv, head_dim] of one row from keys and values stacked as [layers, B, n_kv, t, head_dim]."""
-    return torch.stack([host[key + ("k",)][:, row], host[key + ("v",)][:, row]], 1).permute(0, 3, 1, 2, 4)
-
-
 def _whole(key: Key, host: dict[Key, torch.Tensor]) -> torch.Tensor:
     return host[key]
-
-
-@dataclass
-class _Step:
-    """One forward pass of one batch row: how to pick its token ids and each stored layer's data for them
-    ([layers, t, ...]) out of its pass's tensors, without the tokens its attention mask marks as padding."""
-
-    ctx: str
-    row: int
-    pass_: _Pass
-    select: dict[str, Pick]
-    nbytes: int  # at most; padding is dropped only on the host
-
-    def tokens_and_data(self, stream: torch.cuda.Stream | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        host = self.pass_.host(stream)
-        mask = host.get("mask")
-        keep = mask[self.row] if mask is not None and not bool(mask[self.row].all()) else slice(None)
-        return host["ids"][self.row, keep], {name: pick(host)[:, keep] for name, pick in self.select.items()}
 
 
 @dataclass(frozen=True)
@@ -98,15 +117,29 @@ class _Stored:
 
 
 @dataclass
+class _Piece:
+    """One row's kept tokens over a run of passes, their data, and how many tokens each pass kept."""
+
+    ids: torch.Tensor
+    data: dict[str, torch.Tensor]
+    passes: list[int]
+
+
+@dataclass
 class _Sender:
-    """Appends captured steps from a thread of its own, so a decode step never waits on the daemon."""
+    """Appends captured passes from a thread of its own, so a decode step never waits on the daemon. Passes are
+    held back until they are worth an append or have waited long enough: one append per decode step kept the
+    daemon and this thread busy on the cores the model decodes on. The hook only queues a pass; it wakes this
+    thread once enough bytes are held back, so a decode step does not hand the interpreter to it every time."""
 
     client: HCacheClient
     device: torch.device
-    steps: queue.Queue = field(default_factory=queue.Queue)
+    passes: collections.deque = field(default_factory=collections.deque)
+    wake: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     error: BaseException | None = None
     thread: threading.Thread | None = None
     stream: torch.cuda.Stream | None = None
+    _unwoken: int = 0  # bytes queued since the last wake-up
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -114,48 +147,104 @@ class _Sender:
         self.thread = threading.Thread(target=self._run, name="hcache-capture", daemon=True)
         self.thread.start()
 
+    def put(self, pass_: _Pass) -> None:
+        """From the model's thread: queue a pass."""
+        self.passes.append(pass_)
+        self._unwoken += pass_.nbytes
+        if self._unwoken >= _BATCH_BYTES:
+            self._unwoken = 0
+            self.wake.put(True)
+
     def _run(self) -> None:
-        # Steps are held back until they are worth an append (or have waited long enough): one append per
-        # decode step kept the daemon and this thread busy on the cores the model decodes on.
-        pending: list[_Step] = []
-        size, deadline = 0, 0.0
-        while True:
-            try:  # a forward pass's steps, one per batch row, come as one list
-                item = self.steps.get(timeout=max(0.0, deadline - time.monotonic()) if pending else None)
-            except queue.Empty:
-                item = _DUE
-            if isinstance(item, list):
-                if not pending:
-                    deadline = time.monotonic() + _MAX_DELAY_S
-                pending += item
-                size += sum(step.nbytes for step in item)
-            if pending and (item is None or item is _DUE or size >= _BATCH_BYTES):
-                self._send(pending)
-                pending, size = [], 0
-            if item is None:
-                return
-
-    def _send(self, steps: list[_Step]) -> None:
-        if self.error is None:
+        # Waking at least every _MAX_DELAY_S bounds how long a queued pass waits.
+        more = True
+        while more:
             try:
-                self._append(steps)
-            except BaseException as e:  # raised to the caller when the capture block ends
-                self.error = e
+                more = self.wake.get(timeout=_MAX_DELAY_S)
+            except queue.Empty:
+                pass
+            taken = [self.passes.popleft() for _ in range(len(self.passes))]
+            if taken and self.error is None:
+                try:
+                    self._append(taken)
+                except BaseException as e:  # raised to the caller when the capture block ends
+                    self.error = e
 
-    def _append(self, steps: list[_Step]) -> None:
-        by_ctx: dict[str, list[_Step]] = {}
-        for s in steps:
-            by_ctx.setdefault(s.ctx, []).append(s)
-        for ctx, items in by_ctx.items():
-            kept = [(ids, data) for ids, data in (s.tokens_and_data(self.stream) for s in items) if len(ids)]
-            if kept:  # rows of padding only add nothing
-                data = {k: torch.cat([d[k] for _, d in kept], dim=1) for k in kept[0][1]}
-                self.client.append(ctx, torch.cat([ids for ids, _ in kept]), data, passes=[len(i) for i, _ in kept])
+    def _append(self, passes: list[_Pass]) -> None:
+        runs = [[passes[0]]]
+        for p in passes[1:]:
+            if runs[-1][0].joins(p):
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        by_ctx: dict[str, list[_Piece]] = {}
+        staged = [buf for p in passes for buf in p.staged]
+        try:
+            for run in runs:
+                for ctx, piece in self._pieces(run, staged):
+                    by_ctx.setdefault(ctx, []).append(piece)
+            for ctx, pieces in by_ctx.items():
+                if len(pieces) == 1:
+                    ids, data = pieces[0].ids, pieces[0].data
+                else:
+                    ids = torch.cat([p.ids for p in pieces])
+                    data = {k: torch.cat([p.data[k] for p in pieces], dim=1) for k in pieces[0].data}
+                self.client.append(ctx, ids, data, passes=[n for p in pieces for n in p.passes])
+        finally:
+            by_ctx.clear()
+            _STAGING.give(staged)
+
+    def _pieces(self, run: list[_Pass], staged: list[torch.Tensor]) -> Iterator[tuple[str, _Piece]]:
+        """Each row's kept tokens and data over a run of passes alike, picked from their tensors joined once, the
+        layer data into pooled buffers (`staged`) with each row's tokens together."""
+        hosts = [p.host(self.stream) for p in run]
+        for p in run:
+            p.tensors = {}  # device memory goes back once the pass is on the host
+        host = {}
+        for k in hosts[0]:
+            parts = [_rows_major(k, h[k]) for h in hosts]
+            if isinstance(k, str) or len(parts) == 1:
+                host[k] = torch.cat(parts, _token_dim(k)) if len(parts) > 1 else parts[0]
+                continue
+            dim = _token_dim(k)
+            shape = parts[0].shape[:dim] + (sum(p.shape[dim] for p in parts),) + parts[0].shape[dim + 1 :]
+            host[k] = cat_into(parts, dim, _STAGING.take(shape, parts[0].dtype, staged))
+        lengths = [p.tokens for p in run]
+        mask = host.get("mask")
+        if mask is None:
+            kept_per_pass = [lengths] * len(run[0].rows)
+        else:  # tokens each pass kept per row: differences of the mask's running count at the passes' ends
+            ends = torch.tensor(lengths).cumsum(0) - 1
+            counts = mask.cumsum(1, dtype=torch.long)[:, ends]
+            kept_per_pass = torch.diff(counts, dim=1, prepend=torch.zeros_like(counts[:, :1])).tolist()
+        for row, kept in zip(run[0].rows, kept_per_pass, strict=True):
+            if not any(kept):  # rows of padding only add nothing
+                continue
+            keep = mask[row.row] if mask is not None and kept != lengths else slice(None)
+            data = {name: pick(host)[:, keep] for name, pick in row.select.items()}
+            yield row.ctx, _Piece(host["ids"][row.row, keep], data, [k for k in kept if k])
 
     def close(self) -> None:
-        self.steps.put(None)
+        self.wake.put(False)
         if self.thread is not None:
             self.thread.join()
+
+
+def _stack(parts: list[torch.Tensor], staged: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, on a CPU into a pooled buffer (joining `staged`)."""
+    if parts[0].is_cuda:
+        return torch.stack(parts)
+    with torch.no_grad():  # out= refuses inputs that require grad (K/V of a forward with autograd on)
+        return torch.stack(parts, out=_STAGING.take((len(parts), *parts[0].shape), parts[0].dtype, staged))
+
+
+@dataclass
+class CaptureStats:
+    """What a capture block has cost the model so far: the forward passes it captured and the seconds its hooks took
+    inside them (on the decode's path; sending, in a thread of its own, is not counted)."""
+
+    passes: int = 0
+    hook_s: float = 0.0
 
 
 class _Capture:
@@ -179,14 +268,26 @@ class _Capture:
         self._ids: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._handles: list = []
+        self.stats = CaptureStats()
 
     def __enter__(self) -> _Capture:
         self.sender.start()
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
+        timed = self._timed
+        self._handles.append(self.model.register_forward_pre_hook(timed(self._on_model_input), with_kwargs=True))
         for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._on_model_output, with_kwargs=True))
+            self._handles.append(layer.register_forward_pre_hook(timed(self._layer_hook(i)), with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(timed(self._on_model_output), with_kwargs=True))
         return self
+
+    def _timed(self, hook: Callable) -> Callable:
+        def timed(*args: object) -> None:
+            start = time.perf_counter()
+            try:
+                hook(*args)
+            finally:
+                self.stats.hook_s += time.perf_counter() - start
+
+        return timed
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
@@ -226,37 +327,40 @@ class _Capture:
         tensors: dict[Key, torch.Tensor] = {"ids": ids.clone()}
         if self._mask is not None:
             tensors["mask"] = self._mask[:, -t:].bool()
+        staged: list[torch.Tensor] = []
         kv_stacked: dict[tuple[int, ...], Key | None] = {}  # per layer set: K/V of every row in one stack
-        steps = []
+        rows, nbytes = [], 0
         for row, ctx in enumerate(self.ctxs):
             stored = self.stored.get(ctx) or self._open(ctx, t)
             select: dict[str, Pick] = {}
             if layers := stored.hidden:
                 key = ("hidden", layers)
                 if key not in tensors:
-                    tensors[key] = torch.stack([hidden[i] for i in layers])  # a layer's input holds the t tokens
+                    tensors[key] = _stack([hidden[i] for i in layers], staged)  # a layer's input holds the t tokens
                 select["hidden"] = partial(_rows, key, row)
             if layers := stored.kv:
                 if layers not in kv_stacked:
-                    kv_stacked[layers] = self._stack_kv(tensors, cache, layers, t)
+                    kv_stacked[layers] = self._stack_kv(tensors, cache, layers, t, staged)
                 key = kv_stacked[layers]
-                select["kv"] = (partial(_kv_rows, key, row) if key is not None
+                select["kv"] = (partial(_rows, key, row) if key is not None
                                 else self._row_kv(tensors, cache, hidden, layers, row, t))
-            steps.append((ctx, row, select, t * stored.token_bytes))
+            rows.append(_Row(ctx, row, select))
+            nbytes += t * stored.token_bytes
         self._kept += tensors["mask"].sum(1) if "mask" in tensors else t
-        pass_ = _Pass(tensors)
-        self.sender.steps.put([_Step(ctx, row, pass_, select, nbytes) for ctx, row, select, nbytes in steps])
+        self.sender.put(_Pass(tensors, rows, nbytes, staged))
+        self.stats.passes += 1
 
     @staticmethod
-    def _stack_kv(tensors: dict[Key, torch.Tensor], cache: object, layers: tuple[int, ...], t: int) -> Key | None:
-        """Stack this step's keys and values of these layers for all rows, each [layers, B, n_kv, t, head_dim], from
-        the model's own cache; None where a sliding-window layer's cache no longer holds them all."""
+    def _stack_kv(tensors: dict[Key, torch.Tensor], cache: object, layers: tuple[int, ...], t: int,
+                  staged: list[torch.Tensor]) -> Key | None:
+        """Stack this step's keys and values of these layers for all rows, [2 * layers, B, n_kv, t, head_dim] (each
+        layer's keys, then its values), from the model's own cache; None where a sliding-window layer's cache no
+        longer holds them all."""
         entries = [cache.layers[i] if cache is not None and len(cache.layers) > i else None for i in layers]
         if not all(e is not None and e.keys.shape[2] >= t for e in entries):
             return None
         key = ("kv", layers)
-        tensors[key + ("k",)] = torch.stack([e.keys[:, :, -t:] for e in entries])
-        tensors[key + ("v",)] = torch.stack([e.values[:, :, -t:] for e in entries])
+        tensors[key] = _stack([x for e in entries for x in (e.keys[:, :, -t:], e.values[:, :, -t:])], staged)
         return key
 
     def _row_kv(self, tensors: dict[Key, torch.Tensor], cache: object, hidden: list[torch.Tensor],
@@ -299,12 +403,13 @@ class _Capture:
 
 @contextlib.contextmanager
 def capture(model: torch.nn.Module, client: HCacheClient, ctx: str | list[str], store: str = "plan",
-            model_id: str | None = None) -> Iterator[None]:
+            model_id: str | None = None) -> Iterator[CaptureStats]:
     """Save the input hidden states (and/or K/V) of every token `model` processes inside the block into
     context `ctx` (one id, or one per batch row), appending if it exists; the block's end waits until
-    it is durable. `store`: "plan" (what the planner keeps per layer), "hidden", "kv" or "both"."""
+    it is durable. `store`: "plan" (what the planner keeps per layer), "hidden", "kv" or "both".
+    Yields the block's CaptureStats (what it has cost the forward passes so far)."""
     if store not in STORE_CHOICES:
         raise BadRequest(f"store={store!r}: use one of {STORE_CHOICES}")
     ctxs = [ctx] if isinstance(ctx, str) else list(ctx)
-    with _Capture(model, client, ctxs, store, model_id):
-        yield
+    with _Capture(model, client, ctxs, store, model_id) as c:
+        yield c.stats

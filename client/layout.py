@@ -46,18 +46,21 @@ class ContextInfo:
 
 
 def stream_bytes(t: torch.Tensor, n_layers: int, n_tokens: int, token_bytes: int, what: str) -> torch.Tensor:
-    """A tensor [layers, tokens, ...] as contiguous uint8 [layers, tokens, token_bytes], checking its size."""
+    """A tensor [layers, tokens, ...] as uint8 [layers, tokens, token_bytes], each layer's tokens contiguous (copied
+    only where they are not), checking its size."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
-    t = t.contiguous()
     if t.dim() < 2 or t.shape[0] != n_layers or t.shape[1] != n_tokens:
         raise ValueError(f"{what}: expected a tensor [{n_layers} layers, {n_tokens} tokens, ...], got "
                          f"{list(t.shape)}")
     if t.numel() * t.element_size() != n_layers * n_tokens * token_bytes:
         raise ValueError(f"{what}: each token of each layer must take {token_bytes} bytes, got "
                          f"{t[0, 0].numel() * t.element_size()} (check hidden size, heads and dtype)")
-    return t.view(torch.uint8).reshape(n_layers, n_tokens, token_bytes)
+    t = t.reshape(n_layers, n_tokens, -1)
+    if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+        t = t.contiguous()
+    return t.view(torch.uint8)
 
 
 def rep_of(name: str) -> Rep:

@@ -1,6 +1,8 @@
 """capture() and restore() with real models through the real hcached: every family, fp32 and bf16, every method,
 two rounds, and a daemon killed with SIGKILL between rounds."""
 
+import time
+
 import pytest
 import torch
 
@@ -103,3 +105,38 @@ def test_auto_plan_over_rounds_survives_sigkill(hcached, family, dtype):
         assert torch.equal(seqs, ref[rnd]), f"round {rnd + 1}"
         hcached.kill()  # durable once capture returned: nothing may be lost
         hcached.start()
+
+
+def test_capture_reports_its_passes_and_their_cost_on_the_forward_path(hcached):
+    model = model_of("llama-gqa", "fp32")
+    ids = _prompt(11, 12)
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, "stats", store="both") as stats:
+            before = stats.hook_s
+            seqs, _ = _generate(model, ids, n=5)  # the prompt's pass and four decode steps
+            assert stats.passes == 5 and stats.hook_s > before
+            model(seqs[:, -1:])  # a pass outside generate counts, also with autograd on
+            with torch.inference_mode():
+                model(seqs[:, -1:])
+            assert stats.passes == 7
+        model(ids)  # after the block nothing is captured
+        assert stats.passes == 7
+        client.delete("stats")
+
+
+def test_capture_sends_held_back_passes_once_they_are_worth_an_append(hcached, monkeypatch):
+    from hcache.client import capture as capture_module
+
+    model = model_of("llama-mha", "fp32")
+    ids = _prompt(12, 10)
+    monkeypatch.setattr(capture_module, "_BATCH_BYTES", 1)  # every pass is worth an append
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, "early", store="hidden") as stats, torch.no_grad():
+            model(ids)
+            deadline = time.monotonic() + 10
+            while client.stat("early").n_tokens < ids.shape[1]:  # sent while the block is still open
+                assert time.monotonic() < deadline, "the prompt's pass was never sent"
+                time.sleep(0.01)
+            assert stats.passes == 1
+        assert client.stat("early").n_tokens == ids.shape[1]
+        client.delete("early")
