@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test demo bench gpu-wheels lint clean
 
 venv: $(BIN)/.installed
 
@@ -25,6 +25,14 @@ demo: venv
 
 bench: venv
 	$(BIN)/python bench/io.py
+
+# What a lent GPU machine (Python 3.12, torch, uvloop, msgpack, typer; no network) lacks, for bench/gpu-run.sh.
+GPU_WHEELS := pyzmq==27.3.0 liburing==2026.3.30 crc32c==2.9.post0 transformers==5.24.0
+gpu-wheels:
+	rm -rf .whl && mkdir .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(foreach n,2_28 2_27 2_24 2_17 2_5,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 lint: venv
 	$(BIN)/python -m ruff check .
