@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
@@ -31,7 +30,6 @@ _MAX_DELAY_S = 15.0
 # Host memory for a held-back batch's passes on a CPU and for the passes joined, each twice while the model goes on.
 _STAGING = StagingPool(keep_bytes=4 * _BATCH_BYTES)
 Key = str | tuple  # of a pass's tensors: "ids", "mask", ("hidden", layers), ("kv", layers), ("kv", layers, row)
-Pick = Callable[[dict[Key, torch.Tensor]], torch.Tensor]  # one row's data out of a pass's tensors on the host
 
 
 def _rows_major(key: Key, t: torch.Tensor) -> torch.Tensor:
@@ -49,14 +47,19 @@ def _token_dim(key: Key) -> int:
     return 2 if isinstance(key, tuple) and len(key) == 2 else 1
 
 
+def _row_data(host: dict[Key, torch.Tensor], key: Key, row: int) -> torch.Tensor:
+    """One row's [layers, t, ...] out of the rows-major tensors of its passes: a view."""
+    return host[key] if len(key) == 3 else host[key][:, row]  # a row's own K/V, or its row of the stack
+
+
 @dataclass
 class _Row:
-    """One batch row of a forward pass: its context, and how to pick each stored layer's data for it ([layers, t,
-    ...]) out of the pass's tensors."""
+    """One batch row of a forward pass: its context, and the key of each stored layer's data ("hidden", "kv") among
+    the pass's tensors."""
 
     ctx: str
     row: int
-    select: dict[str, Pick]
+    select: dict[str, Key]
 
 
 class _Pass:
@@ -82,23 +85,9 @@ class _Pass:
             return {k: v.to("cpu") for k, v in self.tensors.items()}
 
     def joins(self, other: _Pass) -> bool:
-        """Whether `other` holds the same tensors but for its tokens, so the two can be picked from as one (rows
-        and what they store are the block's, the same in every pass)."""
-        return self.tensors.keys() == other.tensors.keys() and all(
-            _others(k, v) == _others(k, other.tensors[k]) for k, v in self.tensors.items())
-
-
-def _others(key: Key, t: torch.Tensor) -> tuple[int, ...]:
-    shape, dim = _rows_major(key, t).shape, _token_dim(key)
-    return shape[:dim] + shape[dim + 1 :]
-
-
-def _rows(key: Key, row: int, host: dict[Key, torch.Tensor]) -> torch.Tensor:
-    return host[key][:, row]
-
-
-def _whole(key: Key, host: dict[Key, torch.Tensor]) -> torch.Tensor:
-    return host[key]
+        """Whether `other` holds the same tensors but for its tokens, so the two can be picked from as one: the
+        batch, its contexts and what they store are the block's, so the same keys mean the same shapes."""
+        return self.tensors.keys() == other.tensors.keys()
 
 
 @dataclass(frozen=True)
@@ -178,7 +167,7 @@ class _Sender:
             else:
                 runs.append([p])
         by_ctx: dict[str, list[_Piece]] = {}
-        staged = [buf for p in passes for buf in p.staged]
+        staged = [buf for p in passes for buf in p.staged]  # given back once the appends have copied them
         try:
             for run in runs:
                 for ctx, piece in self._pieces(run, staged):
@@ -191,7 +180,6 @@ class _Sender:
                     data = {k: torch.cat([p.data[k] for p in pieces], dim=1) for k in pieces[0].data}
                 self.client.append(ctx, ids, data, passes=[n for p in pieces for n in p.passes])
         finally:
-            by_ctx.clear()
             _STAGING.give(staged)
 
     def _pieces(self, run: list[_Pass], staged: list[torch.Tensor]) -> Iterator[tuple[str, _Piece]]:
@@ -202,13 +190,14 @@ class _Sender:
             p.tensors = {}  # device memory goes back once the pass is on the host
         host = {}
         for k in hosts[0]:
-            parts = [_rows_major(k, h[k]) for h in hosts]
-            if isinstance(k, str) or len(parts) == 1:
-                host[k] = torch.cat(parts, _token_dim(k)) if len(parts) > 1 else parts[0]
-                continue
-            dim = _token_dim(k)
-            shape = parts[0].shape[:dim] + (sum(p.shape[dim] for p in parts),) + parts[0].shape[dim + 1 :]
-            host[k] = cat_into(parts, dim, _STAGING.take(shape, parts[0].dtype, staged))
+            parts, dim = [_rows_major(k, h[k]) for h in hosts], _token_dim(k)
+            if len(parts) == 1:
+                host[k] = parts[0]
+            elif isinstance(k, str):  # ids, mask: a few bytes a token
+                host[k] = torch.cat(parts, dim)
+            else:
+                shape = parts[0].shape[:dim] + (sum(p.shape[dim] for p in parts),) + parts[0].shape[dim + 1 :]
+                host[k] = cat_into(parts, dim, _STAGING.take(shape, parts[0].dtype, staged))
         lengths = [p.tokens for p in run]
         mask = host.get("mask")
         if mask is None:
@@ -221,7 +210,7 @@ class _Sender:
             if not any(kept):  # rows of padding only add nothing
                 continue
             keep = mask[row.row] if mask is not None and kept != lengths else slice(None)
-            data = {name: pick(host)[:, keep] for name, pick in row.select.items()}
+            data = {name: _row_data(host, key, row.row)[:, keep] for name, key in row.select.items()}
             yield row.ctx, _Piece(host["ids"][row.row, keep], data, [k for k in kept if k])
 
     def close(self) -> None:
@@ -332,18 +321,17 @@ class _Capture:
         rows, nbytes = [], 0
         for row, ctx in enumerate(self.ctxs):
             stored = self.stored.get(ctx) or self._open(ctx, t)
-            select: dict[str, Pick] = {}
+            select: dict[str, Key] = {}
             if layers := stored.hidden:
                 key = ("hidden", layers)
                 if key not in tensors:
                     tensors[key] = _stack([hidden[i] for i in layers], staged)  # a layer's input holds the t tokens
-                select["hidden"] = partial(_rows, key, row)
+                select["hidden"] = key
             if layers := stored.kv:
                 if layers not in kv_stacked:
                     kv_stacked[layers] = self._stack_kv(tensors, cache, layers, t, staged)
                 key = kv_stacked[layers]
-                select["kv"] = (partial(_rows, key, row) if key is not None
-                                else self._row_kv(tensors, cache, hidden, layers, row, t))
+                select["kv"] = key if key is not None else self._row_kv(tensors, cache, hidden, layers, row, t)
             rows.append(_Row(ctx, row, select))
             nbytes += t * stored.token_bytes
         self._kept += tensors["mask"].sum(1) if "mask" in tensors else t
@@ -364,9 +352,9 @@ class _Capture:
         return key
 
     def _row_kv(self, tensors: dict[Key, torch.Tensor], cache: object, hidden: list[torch.Tensor],
-                layers: tuple[int, ...], row: int, t: int) -> Pick:
-        """K/V of one row's tokens as [layers, t, 2, n_kv, head_dim]: from the cache where it holds them, else
-        projected from the layer's input (bit-identical)."""
+                layers: tuple[int, ...], row: int, t: int) -> Key:
+        """Put the K/V of one row's tokens among the pass's tensors as [layers, t, 2, n_kv, head_dim], under the key
+        returned: from the cache where it holds them, else projected from the layer's input (bit-identical)."""
         from hcache.client.projection import project_kv
 
         per_layer = []
@@ -381,7 +369,7 @@ class _Capture:
             per_layer.append(torch.stack([k, v]).detach().permute(2, 0, 1, 3))
         key = ("kv", layers, row)
         tensors[key] = torch.stack(per_layer)
-        return partial(_whole, key)
+        return key
 
     def _open(self, ctx: str, t: int) -> _Stored:
         info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry, layers=self._layers_to_store(t))
