@@ -13,16 +13,17 @@ from functools import partial
 import torch
 
 from hcache.client.costs import DEVICES, Profile, save_profile
-from hcache.client.projection import geometry_of, project_kv, recompute_prefix
+from hcache.client.projection import geometry_of, project_kv, recompute_prefix, rope_tables
 from hcache.client.sync import HCacheClient
 from hcache.layout.geometry import Geometry, Rep
 
 
 def profile(model: torch.nn.Module, client: HCacheClient, T_values: Sequence[int] = (64, 256, 1024), *,
             repeats: int = 5, io_layers: int = 4, save: bool = True) -> Profile:
-    """Time one layer's projection (C_H) and a recompute of every layer (C_tok, per layer) at each token count,
-    and single-layer reads of hidden states and K/V of a throwaway context through `client` (IO); fit
-    c_h = a·T + b, c_tok = a·T² + b·T + c and io = bytes/bandwidth + latency. `save` keeps it in the state dir."""
+    """Time one layer's projection as a restore runs it, the rotary tables at hand (C_H), and a recompute of every
+    layer (C_tok, per layer) at each token count, and single-layer reads of hidden states and K/V of a throwaway
+    context through `client` (IO); fit c_h = a·T + b, c_tok = a·T² + b·T + c and io = bytes/bandwidth + latency.
+    `save` keeps it in the state dir."""
     if len(set(T_values)) < 3 or min(T_values) < 1:
         raise ValueError(f"T_values needs at least 3 distinct positive token counts, got {list(T_values)}")
     param = next(model.parameters())
@@ -38,7 +39,8 @@ def profile(model: torch.nn.Module, client: HCacheClient, T_values: Sequence[int
             hidden = torch.randn(1, t, geometry.hidden_size, dtype=param.dtype, device=param.device)
             positions = torch.arange(t, device=param.device)[None]
             ids = torch.randint(vocab, (1, t), device=param.device)
-            samples["c_h"].append([t, _time(partial(project_kv, model, 0, hidden, positions), repeats, sync)])
+            rope = rope_tables(model, hidden, positions)  # once per restore, for all the layers it projects
+            samples["c_h"].append([t, _time(partial(project_kv, model, 0, hidden, positions, rope), repeats, sync)])
             everything = partial(recompute_prefix, model, ids, geometry.num_layers)
             samples["c_tok"].append([t, _time(everything, repeats, sync) / geometry.num_layers])
     samples["io"] = _time_reads(client, geometry, param.dtype, token_counts, repeats,

@@ -73,8 +73,8 @@ def project_kv(model: nn.Module, layer: int, hidden: torch.Tensor, position_ids:
         k, v = family.kv(module, hidden)
         if family.rope:
             cos, sin = rope if rope is not None else rope_tables(model, hidden, position_ids)
-            # The family's apply_rotary_pos_emb rotates (q, k) independently; one head stands in for q.
-            _, k = rope_of(getattr(module, family.attn))(k[:, :1], k, cos.to(k.device), sin.to(k.device))
+            # The family's apply_rotary_pos_emb rotates (q, k) independently; an empty q costs no kernels.
+            _, k = rope_of(getattr(module, family.attn))(k[:, :0], k, cos.to(k.device), sin.to(k.device))
     return k, v
 
 
