@@ -223,8 +223,7 @@ def _stack(parts: list[torch.Tensor], staged: list[torch.Tensor]) -> torch.Tenso
     """torch.stack, on a CPU into a pooled buffer (joining `staged`)."""
     if parts[0].is_cuda:
         return torch.stack(parts)
-    with torch.no_grad():  # out= refuses inputs that require grad (K/V of a forward with autograd on)
-        return torch.stack(parts, out=_STAGING.take((len(parts), *parts[0].shape), parts[0].dtype, staged))
+    return torch.stack(parts, out=_STAGING.take((len(parts), *parts[0].shape), parts[0].dtype, staged))
 
 
 @dataclass
@@ -297,12 +296,20 @@ class _Capture:
 
     def _layer_hook(self, i: int):  # noqa: ANN202 - a forward pre-hook
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            # The layer input is never modified in place by the layer: keep a reference, copy later.
-            self._hidden[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+            # The layer input is never modified in place by the layer: keep a reference, copy later (without
+            # autograd: see _on_model_output).
+            self._hidden[i] = args[0] if args else kwargs["hidden_states"]
 
         return hook
 
     def _on_model_output(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        # Copies of a forward with autograd on stay out of its graph (and out= refuses inputs that require grad):
+        # one no_grad here rather than a detach per layer input and K/V slice.
+        with torch.no_grad():
+            self._pass(output)
+
+    def _pass(self, output: object) -> None:
+        """Queue this forward's pass: its ids, mask, and the stacks of what its rows' contexts store."""
         ids, hidden = self._ids, self._hidden
         self._hidden = [None] * len(self.layers)
         if ids is None or any(h is None for h in hidden):
@@ -348,7 +355,8 @@ class _Capture:
         if not all(e is not None and e.keys.shape[2] >= t for e in entries):
             return None
         key = ("kv", layers)
-        tensors[key] = _stack([x for e in entries for x in (e.keys[:, :, -t:], e.values[:, :, -t:])], staged)
+        tensors[key] = _stack([x for e in entries for x in (e.keys.narrow(2, -t, t), e.values.narrow(2, -t, t))],
+                              staged)
         return key
 
     def _row_kv(self, tensors: dict[Key, torch.Tensor], cache: object, hidden: list[torch.Tensor],
@@ -366,7 +374,7 @@ class _Capture:
                 first = self.stored[self.ctxs[row]].info.n_tokens + int(self._kept[row])  # waits for the device: rare
                 positions = torch.arange(first, first + t, device=hidden[i].device)[None]
                 k, v = (x[0] for x in project_kv(self.model, i, hidden[i][row : row + 1, -t:], positions))
-            per_layer.append(torch.stack([k, v]).detach().permute(2, 0, 1, 3))
+            per_layer.append(torch.stack([k, v]).permute(2, 0, 1, 3))
         key = ("kv", layers, row)
         tensors[key] = torch.stack(per_layer)
         return key

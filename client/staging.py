@@ -21,9 +21,13 @@ class StagingPool:
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, taken: list[torch.Tensor]) -> torch.Tensor:
-        """A tensor of this shape and dtype over a pooled buffer, which joins `taken` until given back."""
+        """A tensor of this shape and dtype over a pooled buffer, which joins `taken` until given back (a small one
+        is not pooled)."""
         nbytes = math.prod(shape) * dtype.itemsize
-        size = max(_SMALLEST, 1 << (nbytes - 1).bit_length())
+        if nbytes < _SMALLEST:  # malloc serves these from heap memory freed before: no faults to save
+            with torch.inference_mode(False):
+                return torch.empty(shape, dtype=dtype)
+        size = 1 << (nbytes - 1).bit_length()
         if size > self.keep_bytes:  # never kept: no rounding up
             size = nbytes
         with self._lock:
