@@ -120,7 +120,8 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
                 ropes = ropes or [rope_tables(model, data[None, a:b], positions[:, a:b]) for a, b in pieces]
                 parts = [project_kv(model, i, data[None, a:b], positions[:, a:b], rope)
                          for (a, b), rope in zip(pieces, ropes, strict=True)]
-                kv.append((torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2)))
+                kv.append(parts[0] if len(parts) == 1 else
+                          (torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2)))
             else:  # [T, 2, n_kv, hd] -> K, V as [1, n_kv, T, hd]
                 kv.append((data[:, 0].transpose(0, 1)[None], data[:, 1].transpose(0, 1)[None]))
     return kv, token_ids
