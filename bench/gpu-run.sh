@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (Python 3.12 with CUDA torch, no network): install the wheels carried in .whl/
-# (fetched here by `make gpu-wheels`), run the CUDA tests, then bench/restore.py, and copy its results to $OUT.
+# (fetched here by `make gpu-wheels`), run the CUDA tests, then bench/restore.py, and copy its results and both
+# logs to $OUT. A failing test does not keep the bench from running; the exit status says whether either failed.
 # From the device tool: command `bash bench/gpu-run.sh`, carry [".whl"], timeout about 570 s.
-set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+set -uo pipefail
+out="${OUT:-/tmp}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
 for p in layout daemon client cli; do ln -sfn "../$p" "hcache/$p"; done  # the package-dir mapping, without pip
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m pytest -q -p no:cacheprovider tests/e2e/test_devices.py
-python3 bench/restore.py
-cp bench/results/restore-nvidia* "${OUT:-/tmp}/"
+python3 -m pytest -q -p no:cacheprovider tests/e2e/test_devices.py 2>&1 | tee "$out/gpu-tests.log"
+tests=$?
+python3 bench/restore.py 2>&1 | tee "$out/gpu-bench.log"
+bench=$?
+cp bench/results/restore-nvidia* "$out/" 2>/dev/null
+echo "tests exit $tests, bench exit $bench"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

@@ -57,11 +57,13 @@ PROJECTION_RUNS = 2  # alternating runs of projection and recompute for projecti
 # Cold samples per method and throttle, taken in turn so that load and disk speed that drift hit every method
 # alike, each round starting with the next method (the second restore after a restart ran slower here): at least
 # LEVEL_ROUNDS, more (up to MAX_LEVEL_ROUNDS) of the methods within CONTENDER times the fastest while their
-# samples took under LEVEL_BUDGET_S. Uncapped, auto and all-KV restores (the same plan) spread +-15% each here:
+# samples took under LEVEL_BUDGET_S and the level, restarts included, under LEVEL_WALL_S (a lent GPU machine gives
+# the whole run under ten minutes; a daemon restart there takes longer than a restore). Uncapped, auto and all-KV restores (the same plan) spread +-15% each here:
 # nine rounds left their ratio anywhere from 0.88 to 1.16.
 LEVEL_ROUNDS = 3
 MAX_LEVEL_ROUNDS = 21
 LEVEL_BUDGET_S = 8.0
+LEVEL_WALL_S = {"cpu": 120.0, "cuda": 25.0}
 CONTENDER = 1.5
 PROMPT_TOKENS = 16
 TBT_WARMUP_STEPS = 8
@@ -354,9 +356,10 @@ def auto_vs_best(model: LlamaForCausalLM, hc: Hcached, base: Profile, unthrottle
     for level, throttle in throttles.items():
         hc.start(throttle)
         samples: dict[str, list[float]] = {"KV": [], "H": [], "auto": []}
-        rounds, racing = 0, list(samples)
+        rounds, racing, started = 0, list(samples), time.perf_counter()
         while rounds < LEVEL_ROUNDS or (rounds < MAX_LEVEL_ROUNDS and
-                                        sum(sum(samples[m]) for m in racing) < LEVEL_BUDGET_S):
+                                        sum(sum(samples[m]) for m in racing) < LEVEL_BUDGET_S and
+                                        time.perf_counter() - started < LEVEL_WALL_S[model.device.type]):
             if rounds == LEVEL_ROUNDS:  # a method far behind the fastest decides nothing: more rounds for the rest
                 fastest = min(statistics.median(v) for v in samples.values())
                 racing = [m for m, v in samples.items() if statistics.median(v) <= CONTENDER * fastest]
