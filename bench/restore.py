@@ -58,8 +58,8 @@ PROJECTION_RUNS = 2  # alternating runs of projection and recompute for projecti
 # alike, each round starting with the next method (the second restore after a restart ran slower here): at least
 # LEVEL_ROUNDS, more (up to MAX_LEVEL_ROUNDS) of the methods within CONTENDER times the fastest while their
 # samples took under LEVEL_BUDGET_S and the level, restarts included, under LEVEL_WALL_S (a lent GPU machine gives
-# the whole run under ten minutes; a daemon restart there takes longer than a restore). Uncapped, auto and all-KV restores (the same plan) spread +-15% each here:
-# nine rounds left their ratio anywhere from 0.88 to 1.16.
+# the whole run under ten minutes; a daemon restart there takes longer than a restore). Uncapped, auto and all-KV
+# restores (the same plan) spread +-15% each here: nine rounds left their ratio anywhere from 0.88 to 1.16.
 LEVEL_ROUNDS = 3
 MAX_LEVEL_ROUNDS = 21
 LEVEL_BUDGET_S = 8.0
