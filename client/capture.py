@@ -76,14 +76,6 @@ class _Pass:
         self.ready = torch.cuda.current_stream(first.device).record_event() if first.is_cuda else None
         self.tokens = first.shape[1]  # ids come first
 
-    def host(self, stream: torch.cuda.Stream | None) -> dict[Key, torch.Tensor]:
-        """The tensors on the host; from a GPU copied on `stream` (the sender's), after the pass's kernels."""
-        if self.ready is None:
-            return self.tensors
-        with torch.cuda.stream(stream):
-            stream.wait_event(self.ready)
-            return {k: v.to("cpu") for k, v in self.tensors.items()}
-
     def joins(self, other: _Pass) -> bool:
         """Whether `other` holds the same tensors but for its tokens, so the two can be picked from as one: the
         batch, its contexts and what they store are the block's, so the same keys mean the same shapes."""
@@ -183,21 +175,11 @@ class _Sender:
             _STAGING.give(staged)
 
     def _pieces(self, run: list[_Pass], staged: list[torch.Tensor]) -> Iterator[tuple[str, _Piece]]:
-        """Each row's kept tokens and data over a run of passes alike, picked from their tensors joined once, the
-        layer data into pooled buffers (`staged`) with each row's tokens together."""
-        hosts = [p.host(self.stream) for p in run]
+        """Each row's kept tokens and data over a run of passes alike, picked from their tensors joined once on the
+        host, with each row's tokens together."""
+        host = _joined(run, self.stream, staged)
         for p in run:
             p.tensors = {}  # device memory goes back once the pass is on the host
-        host = {}
-        for k in hosts[0]:
-            parts, dim = [_rows_major(k, h[k]) for h in hosts], _token_dim(k)
-            if len(parts) == 1:
-                host[k] = parts[0]
-            elif isinstance(k, str):  # ids, mask: a few bytes a token
-                host[k] = torch.cat(parts, dim)
-            else:
-                shape = parts[0].shape[:dim] + (sum(p.shape[dim] for p in parts),) + parts[0].shape[dim + 1 :]
-                host[k] = cat_into(parts, dim, _STAGING.take(shape, parts[0].dtype, staged))
         lengths = [p.tokens for p in run]
         mask = host.get("mask")
         if mask is None:
@@ -217,6 +199,34 @@ class _Sender:
         self.wake.put(False)
         if self.thread is not None:
             self.thread.join()
+
+
+def _joined(run: list[_Pass], stream: torch.cuda.Stream | None, staged: list[torch.Tensor]) -> dict[Key, torch.Tensor]:
+    """Each of a run's tensors, the passes joined along their tokens in rows-major order, on the host. On a CPU into
+    pooled buffers (joining `staged`); from a GPU joined there on `stream` (the sender's) after the passes' kernels,
+    then one DMA each into page-locked memory: no host copy nor page fault of the sender's own."""
+    keys = run[0].tensors.keys()
+    if run[0].ready is None:
+        host = {}
+        for k in keys:
+            parts, dim = [_rows_major(k, p.tensors[k]) for p in run], _token_dim(k)
+            if len(parts) == 1:
+                host[k] = parts[0]
+            elif isinstance(k, str):  # ids, mask: a few bytes a token
+                host[k] = torch.cat(parts, dim)
+            else:
+                shape = parts[0].shape[:dim] + (sum(p.shape[dim] for p in parts),) + parts[0].shape[dim + 1 :]
+                host[k] = cat_into(parts, dim, _STAGING.take(shape, parts[0].dtype, staged))
+        return host
+    with torch.cuda.stream(stream):
+        for p in run:
+            stream.wait_event(p.ready)
+        host = {}
+        for k in keys:
+            joined = torch.cat([_rows_major(k, p.tensors[k]) for p in run], _token_dim(k))
+            host[k] = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True).copy_(joined, non_blocking=True)
+    stream.synchronize()
+    return host
 
 
 def _stack(parts: list[torch.Tensor], staged: list[torch.Tensor]) -> torch.Tensor:
