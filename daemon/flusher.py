@@ -163,7 +163,9 @@ class Flusher:
             for (c, slot, n), view, crc in zip(placed, views, crcs, strict=True):
                 s = c.stream
                 seq = self._next_seq()
-                meta = meta_by_ctx.setdefault(s.ctx.key, s.ctx.meta())
+                if s.ctx.key not in meta_by_ctx:  # the same for all of a context's chunks
+                    meta_by_ctx[s.ctx.key] = s.ctx.meta()
+                meta = meta_by_ctx[s.ctx.key]
                 dtype = "int32" if s.rep is Rep.TOKENS else s.ctx.geometry.dtype
                 ChunkHeader(s.ctx.key, s.layer, c.idx, s.rep, dtype, n, n * s.token_bytes, crc, seq,
                             meta).pack_into(view)
