@@ -28,7 +28,7 @@ from hcache.client import HCacheClient
 from hcache.client.costs import Profile, profile_for, save_profile
 from hcache.client.planner import plan, simulate
 from hcache.client.profiler import profile
-from hcache.client.projection import geometry_of, project_kv, recompute_prefix, rope_tables
+from hcache.client.projection import Projector, geometry_of, recompute_prefix, rope_tables
 from hcache.client.restorer import choose_methods
 from hcache.daemon.process import DaemonProcess
 from hcache.layout.geometry import Geometry, Rep
@@ -271,10 +271,12 @@ def projection_vs_recompute(model: LlamaForCausalLM, tokens: int, seed: int) -> 
     hidden = hidden.to(device=device, dtype=model.dtype)
     positions = torch.arange(tokens, device=device)[None]
 
+    project = Projector(model)
+
     def project_all() -> None:
         rope = rope_tables(model, hidden[0], positions)
         for i in range(layers):
-            project_kv(model, i, hidden[i], positions, rope)
+            project(i, hidden[i], positions, rope)
 
     runs: dict[str, Callable[[], object]] = {"c_h": project_all,
                                              "c_tok": lambda: recompute_prefix(model, ids, layers)}

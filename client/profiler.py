@@ -13,7 +13,7 @@ from functools import partial
 import torch
 
 from hcache.client.costs import DEVICES, Profile, save_profile
-from hcache.client.projection import geometry_of, project_kv, recompute_prefix, rope_tables
+from hcache.client.projection import Projector, geometry_of, recompute_prefix, rope_tables
 from hcache.client.sync import HCacheClient
 from hcache.layout.geometry import Geometry, Rep
 
@@ -34,13 +34,14 @@ def profile(model: torch.nn.Module, client: HCacheClient, T_values: Sequence[int
     vocab = model.get_input_embeddings().num_embeddings
     token_counts = sorted(set(T_values))
     samples: dict[str, list[list[float]]] = {"c_h": [], "c_tok": [], "io": []}
+    project = Projector(model)
     with torch.inference_mode():
         for t in token_counts:
             hidden = torch.randn(1, t, geometry.hidden_size, dtype=param.dtype, device=param.device)
             positions = torch.arange(t, device=param.device)[None]
             ids = torch.randint(vocab, (1, t), device=param.device)
             rope = rope_tables(model, hidden, positions)  # once per restore, for all the layers it projects
-            samples["c_h"].append([t, _time(partial(project_kv, model, 0, hidden, positions, rope), repeats, sync)])
+            samples["c_h"].append([t, _time(partial(project, 0, hidden, positions, rope), repeats, sync)])
             everything = partial(recompute_prefix, model, ids, geometry.num_layers)
             samples["c_tok"].append([t, _time(everything, repeats, sync) / geometry.num_layers])
     samples["io"] = _time_reads(client, geometry, param.dtype, token_counts, repeats,

@@ -61,21 +61,41 @@ def rope_tables(model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tens
         return model.base_model.rotary_emb(hidden.to(model.dtype), position_ids.to(hidden.device))
 
 
+class Projector:
+    """project_kv for one model, with its family, layers, their devices and rotary functions looked up once: a
+    restore projects every layer pass by pass, and on a GPU each call's Python is on the launch path."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.family = family_of(model)
+        self.model = model
+        self.dtype = model.dtype  # a property that walks the parameters
+        self.layers = decoder_layers(model)
+        self.devices = [next(layer.parameters()).device for layer in self.layers]
+        attns = [getattr(layer, self.family.attn) for layer in self.layers]
+        self.rotate = [rope_of(attn) for attn in attns] if self.family.rope else None
+
+    def __call__(self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor, rope: KV | None = None) -> KV:
+        """K, V [B, n_kv, T, head_dim] of `layer` from its input hidden state [B, T, D] at positions [B, T]: see
+        project_kv."""
+        if not 0 <= layer < len(self.layers):
+            raise ValueError(f"layer must be in 0..{len(self.layers) - 1}, got {layer}")
+        hidden = hidden.to(device=self.devices[layer], dtype=self.dtype)
+        with torch.no_grad():
+            k, v = self.family.kv(self.layers[layer], hidden)
+            if self.rotate is not None:
+                cos, sin = rope if rope is not None else rope_tables(self.model, hidden, position_ids)
+                # The family's apply_rotary_pos_emb rotates (q, k) independently; an empty q costs no kernels.
+                _, k = self.rotate[layer](k[:, :0], k, cos.to(k.device), sin.to(k.device))
+        return k, v
+
+
 def project_kv(model: nn.Module, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor,
                rope: KV | None = None) -> KV:
     """K, V [B, n_kv, T, head_dim] of `layer` from its input hidden state [B, T, D] at positions [B, T], computed by
     the layer's own modules: bit-identical to what the model's prefill of the same tokens puts in its cache.
-    `rope`: rope_tables() for these positions, when the caller projects several layers."""
-    family = family_of(model)
-    module = _layer(model, layer)
-    hidden = hidden.to(device=next(module.parameters()).device, dtype=model.dtype)
-    with torch.no_grad():
-        k, v = family.kv(module, hidden)
-        if family.rope:
-            cos, sin = rope if rope is not None else rope_tables(model, hidden, position_ids)
-            # The family's apply_rotary_pos_emb rotates (q, k) independently; an empty q costs no kernels.
-            _, k = rope_of(getattr(module, family.attn))(k[:, :0], k, cos.to(k.device), sin.to(k.device))
-    return k, v
+    `rope`: rope_tables() for these positions, when the caller projects several layers (and then Projector saves
+    the lookups of each call)."""
+    return Projector(model)(layer, hidden, position_ids, rope)
 
 
 def recompute_prefix(model: nn.Module, token_ids: torch.Tensor, n_layers: int,
@@ -117,13 +137,6 @@ def build_cache(model: nn.Module, kv: list[KV]) -> DynamicCache:
         raise ValueError(f"build_cache needs K/V for all {len(layers)} layers, got {len(kv)}")
     # With the config, sliding-window layers keep only their window, yet count all n tokens for positions.
     return DynamicCache(ddp_cache_data=kv, config=model.config)
-
-
-def _layer(model: nn.Module, layer: int) -> nn.Module:
-    layers = decoder_layers(model)
-    if not 0 <= layer < len(layers):
-        raise ValueError(f"layer must be in 0..{len(layers) - 1}, got {layer}")
-    return layers[layer]
 
 
 def _stop(module: nn.Module, args: tuple) -> None:

@@ -75,7 +75,7 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
 def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: ContextInfo, method: str,
              profile: Profile | None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Every layer's K, V [1, n_kv, n, head_dim] by the chosen methods, and the context's token ids [n]."""
-    from hcache.client.projection import project_kv, recompute_prefix, rope_tables
+    from hcache.client.projection import Projector, recompute_prefix, rope_tables
 
     n = info.n_tokens
     token_ids, passes = client.tokens_and_passes(ctx, n)  # passes: redo the model's arithmetic in its pieces
@@ -107,6 +107,7 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
         if r:
             kv += recompute_prefix(model, token_ids[None].to(device), r, passes)
         positions = torch.arange(n, device=device)[None]
+        project = Projector(model)
         pieces = list(itertools.pairwise([0, *itertools.accumulate(passes)]))
         ropes: list = []  # per pass: the same for every layer projected
         for i in range(r, len(methods)):
@@ -118,7 +119,7 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
                 data.record_stream(torch.cuda.current_stream(device))
             if methods[i] == "H":
                 ropes = ropes or [rope_tables(model, data[None, a:b], positions[:, a:b]) for a, b in pieces]
-                parts = [project_kv(model, i, data[None, a:b], positions[:, a:b], rope)
+                parts = [project(i, data[None, a:b], positions[:, a:b], rope)
                          for (a, b), rope in zip(pieces, ropes, strict=True)]
                 kv.append(parts[0] if len(parts) == 1 else
                           (torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2)))
