@@ -55,11 +55,13 @@ PROFILE_T = {"cpu": ((128, 256, 512), 1), "cuda": ((512, 1024, 2048), 3)}  # pro
 COLD_BUDGET_S = 1.0  # repeat a restore (up to --repeat times) only while its samples took less than this in all
 PROJECTION_RUNS = 2  # alternating runs of projection and recompute for projection_vs_recompute
 # Cold samples per method and throttle, taken in turn so that load and disk speed that drift hit every method
-# alike, each round starting with the next method (the second restore after a restart ran slower here): at least
-# LEVEL_ROUNDS, more (up to MAX_LEVEL_ROUNDS) of the methods within CONTENDER times the fastest while their
-# samples took under LEVEL_BUDGET_S and the level, restarts included, under LEVEL_WALL_S (a lent GPU machine gives
-# the whole run under ten minutes; a daemon restart there takes longer than a restore). Uncapped, auto and all-KV
-# restores (the same plan) spread +-15% each here: nine rounds left their ratio anywhere from 0.88 to 1.16.
+# alike, each round starting with the next method (the second restore after a restart ran slower here): one round
+# of every method; then rounds of those within FAR times the fastest, up to LEVEL_ROUNDS; then more (up to
+# MAX_LEVEL_ROUNDS) of those within CONTENDER times the fastest while their samples took under LEVEL_BUDGET_S and
+# the level, restarts included, under LEVEL_WALL_S (a lent GPU machine gives the whole run under ten minutes; a
+# daemon restart there takes longer than a restore). Uncapped, auto and all-KV restores (the same plan) spread
+# +-15% each here: nine rounds left their ratio anywhere from 0.88 to 1.16.
+FAR = 3.0
 LEVEL_ROUNDS = 3
 MAX_LEVEL_ROUNDS = 21
 LEVEL_BUDGET_S = 8.0
@@ -196,13 +198,13 @@ def same_cache(cache: object, prefill: list[tuple[torch.Tensor, torch.Tensor]]) 
 def measure_method(model: LlamaForCausalLM, hc: Hcached, ctx: str, method: str, repeat: int, warm: bool,
                    prefill: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """Median seconds of cold restores (and of a warm one right after each), repeated while cheap; the first
-    cold cache checked against the prefill's. RE reads only token ids: it runs without the restart."""
+    cold cache checked against the prefill's. RE reads only the token ids, but after the restart all the same: the
+    first restore after a restart pays for a cold daemon, whatever it reads."""
     cold: list[float] = []
     hot: list[float] = []
     equal = None
     while len(cold) < repeat and sum(cold) + sum(hot) < COLD_BUDGET_S:
-        if method != "RE":
-            hc.cold()
+        hc.cold()
         with hc.client() as client:
             seconds, cache = timed_restore(model, client, ctx, method)
             if prefill is not None and equal is None:
@@ -330,8 +332,8 @@ def balance_points(base: Profile, tokens: int) -> list[float]:
 
 def auto_vs_best(model: LlamaForCausalLM, hc: Hcached, base: Profile, unthrottled: dict, costs: dict,
                  args: argparse.Namespace) -> dict:
-    """Per read throttle: cold all-H, all-KV and auto restores of the T_RATIOS context (all-RE reads no hidden
-    states or K/V: its unthrottled time stands), and best single ÷ auto; auto plans with c_h and c_tok as
+    """Per read throttle: cold all-KV, all-H, all-RE (it reads the token ids, through the throttle like the rest)
+    and auto restores of the T_RATIOS context, and best single ÷ auto; auto plans with c_h and c_tok as
     measured at T_RATIOS (c_tok: the all-RE restore's per layer) and reads as fast as the all-KV restore at that
     throttle. Throttles are multiples of the fastest balance point this disk can serve (else the slowest one there
     is); levels the disk is too slow for are replaced by fractions of the disk's own rate, and the unthrottled disk
@@ -357,14 +359,15 @@ def auto_vs_best(model: LlamaForCausalLM, hc: Hcached, base: Profile, unthrottle
     throttles = {"none": 0} | reachable | dict(list(slower.items())[: len(LEVELS) - len(reachable)])
     for level, throttle in throttles.items():
         hc.start(throttle)
-        samples: dict[str, list[float]] = {"KV": [], "H": [], "auto": []}
+        samples: dict[str, list[float]] = {"KV": [], "H": [], "RE": [], "auto": []}
         rounds, racing, started = 0, list(samples), time.perf_counter()
         while rounds < LEVEL_ROUNDS or (rounds < MAX_LEVEL_ROUNDS and
                                         sum(sum(samples[m]) for m in racing) < LEVEL_BUDGET_S and
                                         time.perf_counter() - started < LEVEL_WALL_S[model.device.type]):
-            if rounds == LEVEL_ROUNDS:  # a method far behind the fastest decides nothing: more rounds for the rest
-                fastest = min(statistics.median(v) for v in samples.values())
-                racing = [m for m, v in samples.items() if statistics.median(v) <= CONTENDER * fastest]
+            if rounds in (1, LEVEL_ROUNDS):  # a method far behind the fastest decides nothing: rounds for the rest
+                fastest = min(statistics.median(samples[m]) for m in racing)
+                bound = FAR if rounds == 1 else CONTENDER
+                racing = [m for m in racing if statistics.median(samples[m]) <= bound * fastest]
             order = racing[rounds % len(racing) :] + racing[: rounds % len(racing)]
             rounds += 1
             for method in order:
@@ -375,7 +378,6 @@ def auto_vs_best(model: LlamaForCausalLM, hc: Hcached, base: Profile, unthrottle
                     expected = predictions(g, T_RATIOS, prof)
                 got.append(measure_method(model, hc, ctx, method, 1, False)["cold_s"])
         seconds = {m: statistics.median(v) for m, v in samples.items()}
-        seconds["RE"] = unthrottled["methods"]["RE"]["cold_s"]
         levels[level] = {"rate": throttle or disk_rate, "throttle": throttle, "samples": samples,
                          **level_summary(seconds, expected)}
         log(f"throttle {level} ({format_size(throttle or disk_rate)}/s): plan {expected['methods']}, "
@@ -648,10 +650,10 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
         "geometries": {name: {**cfg, "num_hidden_layers": layers} for name, cfg in GEOMETRIES.items()},
         "weights": "random, uniform with std 0.02, norms 1, seed " + str(args.seed),
         "method_names": METHODS,
-        "cold": "daemon restarted (empty arena) and page cache dropped before each sample, except RE (reads only "
+        "cold": "daemon restarted (empty arena) and page cache dropped before each sample, RE's too (it reads the "
                 "token ids)",
         "caches_dropped": hc.caches_dropped,
-        "warm": "the same restore again right after a cold one, chunks in the arena; RE reads nothing, so no warm RE",
+        "warm": "the same restore again right after a cold one, chunks in the arena (none of RE: it reads no layers)",
         "repeat": f"up to {args.repeat} samples per restore while they took < {COLD_BUDGET_S}s in all; medians",
         "projection_vs_recompute": result["projection"]["ratio"],
         "auto_vs_best_single": min(measured),
