@@ -5,6 +5,7 @@
 # From the device tool: command `bash bench/gpu-run.sh`, carry [".whl"], timeout about 570 s.
 set -uo pipefail
 out="${OUT:-/tmp}"
+start=$(mktemp)  # results older than this are the committed ones, not this run's
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 for p in layout daemon client cli; do ln -sfn "../$p" "hcache/$p"; done  # the package-dir mapping, without pip
@@ -14,6 +15,6 @@ python3 -m pytest -q -p no:cacheprovider tests/e2e/test_devices.py 2>&1 | tee "$
 tests=$?
 python3 bench/restore.py 2>&1 | tee "$out/gpu-bench.log"
 bench=$?
-cp bench/results/restore-nvidia* "$out/" 2>/dev/null
+find bench/results -name 'restore-nvidia*' -newer "$start" -exec cp {} "$out/" \;
 echo "tests exit $tests, bench exit $bench"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
