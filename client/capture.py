@@ -250,13 +250,14 @@ class _Capture:
 
     def __init__(self, model: torch.nn.Module, client: HCacheClient, ctxs: list[str], store: str,
                  model_id: str | None) -> None:
-        from hcache.client.projection import decoder_layers, fingerprint, geometry_of
+        from hcache.client.projection import Projector, fingerprint, geometry_of
 
         self.model = model
         self.client = client
         self.ctxs = ctxs
         self.store = store
-        self.layers = decoder_layers(model)
+        self.project = Projector(model)  # for K/V a sliding-window cache no longer holds
+        self.layers = self.project.layers
         self.geometry = geometry_of(model)
         self.fingerprint = fingerprint(model, model_id)
         self.stored: dict[str, _Stored] = {}
@@ -373,8 +374,6 @@ class _Capture:
                 layers: tuple[int, ...], row: int, t: int) -> Key:
         """Put the K/V of one row's tokens among the pass's tensors as [layers, t, 2, n_kv, head_dim], under the key
         returned: from the cache where it holds them, else projected from the layer's input (bit-identical)."""
-        from hcache.client.projection import project_kv
-
         per_layer = []
         for i in layers:
             entry = cache.layers[i] if cache is not None and len(cache.layers) > i else None
@@ -383,7 +382,7 @@ class _Capture:
             else:
                 first = self.stored[self.ctxs[row]].info.n_tokens + int(self._kept[row])  # waits for the device: rare
                 positions = torch.arange(first, first + t, device=hidden[i].device)[None]
-                k, v = (x[0] for x in project_kv(self.model, i, hidden[i][row : row + 1, -t:], positions))
+                k, v = (x[0] for x in self.project(i, hidden[i][row : row + 1, -t:], positions))
             per_layer.append(torch.stack([k, v]).permute(2, 0, 1, 3))
         key = ("kv", layers, row)
         tensors[key] = torch.stack(per_layer)

@@ -25,8 +25,7 @@ class StagingPool:
         is not pooled)."""
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < _SMALLEST:  # malloc serves these from heap memory freed before: no faults to save
-            with torch.inference_mode(False):
-                return torch.empty(shape, dtype=dtype)
+            return _fresh(shape, dtype)
         size = 1 << (nbytes - 1).bit_length()
         if size > self.keep_bytes:  # never kept: no rounding up
             size = nbytes
@@ -36,8 +35,7 @@ class StagingPool:
             if buf is not None:
                 self._kept -= size
         if buf is None:
-            with torch.inference_mode(False):  # writable in and out of inference mode
-                buf = torch.empty(size, dtype=torch.uint8)
+            buf = _fresh((size,), torch.uint8)
         taken.append(buf)
         return buf[:nbytes].view(dtype).view(shape)
 
@@ -49,3 +47,9 @@ class StagingPool:
                     self._free.setdefault(buf.numel(), []).append(buf)
                     self._kept += buf.numel()
         taken.clear()
+
+
+def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new host tensor, writable in and out of inference mode."""
+    with torch.inference_mode(False):
+        return torch.empty(shape, dtype=dtype)
