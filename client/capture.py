@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import StaticLayer
 
 from hcache.client.copies import cat_into
 from hcache.client.errors import BadRequest
@@ -302,8 +303,19 @@ class _Capture:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise BadRequest("capture needs input_ids: call the model (or generate) with token ids, not embeddings")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise BadRequest(f"capture needs the attention mask as [batch, tokens] of 0 and 1, got {shape}: a static "
+                             "cache (cache_implementation='static') passes a prepared mask; generate with the default "
+                             "dynamic cache, or pass the 2D mask")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ())):
+            raise BadRequest(f"capture reads each step's K/V from a dynamic cache, the model got a "
+                             f"{type(cache).__name__}: generate without cache_implementation='static', or pass a "
+                             "DynamicCache")
         self._ids = ids
-        self._mask = kwargs.get("attention_mask")
+        self._mask = mask
 
     def _layer_hook(self, i: int):  # noqa: ANN202 - a forward pre-hook
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

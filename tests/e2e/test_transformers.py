@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from hcache.client import HCacheClient
+from hcache.client import BadRequest, HCacheClient, UnknownContext
 from hcache.client.projection import decoder_layers
 from hcache.transformers import capture, restore
 from tests.client.test_projection import CONFIGS, DTYPES, VOCAB, model_of
@@ -140,3 +140,20 @@ def test_capture_sends_held_back_passes_once_they_are_worth_an_append(hcached, m
             assert stats.passes == 1
         assert client.stat("early").n_tokens == ids.shape[1]
         client.delete("early")
+
+
+@pytest.mark.parametrize("how", ["generate", "forward"])
+def test_capture_refuses_a_static_cache_before_storing_anything(hcached, how):
+    from transformers import StaticCache
+
+    model = model_of("llama-gqa", "fp32")
+    ids = _prompt(13, 6)
+    with HCacheClient(hcached.socket) as client:
+        with pytest.raises(BadRequest, match="dynamic cache"), capture(model, client, f"static-{how}"):
+            if how == "generate":  # a prepared 4D mask, and a StaticCache
+                model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static", pad_token_id=0,
+                               attention_mask=torch.ones_like(ids))
+            else:
+                model(ids, cache=StaticCache(model.config, max_cache_len=16), use_cache=True)
+        with pytest.raises(UnknownContext):
+            client.stat(f"static-{how}")
