@@ -13,11 +13,6 @@ def as_array(t: torch.Tensor) -> np.ndarray:
     return t.view(_SAME_SIZE[t.element_size()]).numpy()
 
 
-def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[...] = src, both on the host, of one dtype and shape."""
-    np.copyto(as_array(dst), as_array(src))
-
-
 def cat_into(parts: list[torch.Tensor], dim: int, out: torch.Tensor) -> torch.Tensor:
     """torch.cat(parts, dim, out=out) for host tensors of one dtype."""
     np.concatenate([as_array(p) for p in parts], axis=dim, out=as_array(out))

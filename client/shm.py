@@ -19,9 +19,10 @@ class ArenaMap:
         finally:
             os.close(fd)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.array = self.bytes.numpy()  # the same bytes, for copies from the client's own thread
 
     def close(self) -> None:
-        del self.bytes
+        del self.bytes, self.array
         try:
             self._map.close()
         except BufferError:
