@@ -108,6 +108,17 @@ class _Piece:
 
 
 @dataclass
+class CaptureStats:
+    """What a capture block has cost so far: the forward passes it captured, the seconds its hooks took inside them
+    (on the decode's path), and the CPU seconds its sender thread used off that path (joining passes, picking rows,
+    appending; counted once a batch of passes is sent)."""
+
+    passes: int = 0
+    hook_s: float = 0.0
+    send_cpu_s: float = 0.0
+
+
+@dataclass
 class _Sender:
     """Appends captured passes from a thread of its own, so a decode step never waits on the daemon. Passes are
     held back until they are worth an append or have waited long enough: one append per decode step kept the
@@ -116,6 +127,7 @@ class _Sender:
 
     client: HCacheClient
     device: torch.device
+    stats: CaptureStats
     passes: collections.deque = field(default_factory=collections.deque)
     wake: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     error: BaseException | None = None
@@ -151,6 +163,7 @@ class _Sender:
                     self._append(taken)
                 except BaseException as e:  # raised to the caller when the capture block ends
                     self.error = e
+                self.stats.send_cpu_s = time.thread_time()
 
     def _append(self, passes: list[_Pass]) -> None:
         runs = [[passes[0]]]
@@ -237,15 +250,6 @@ def _stack(parts: list[torch.Tensor], staged: list[torch.Tensor]) -> torch.Tenso
     return torch.stack(parts, out=_STAGING.take((len(parts), *parts[0].shape), parts[0].dtype, staged))
 
 
-@dataclass
-class CaptureStats:
-    """What a capture block has cost the model so far: the forward passes it captured and the seconds its hooks took
-    inside them (on the decode's path; sending, in a thread of its own, is not counted)."""
-
-    passes: int = 0
-    hook_s: float = 0.0
-
-
 class _Capture:
     """Hooks on a model's decoder layers collecting each forward's layer inputs."""
 
@@ -263,12 +267,12 @@ class _Capture:
         self.fingerprint = fingerprint(model, model_id)
         self.stored: dict[str, _Stored] = {}
         self._kept = torch.zeros(len(ctxs), dtype=torch.long, device=next(model.parameters()).device)  # in the block
-        self.sender = _Sender(client, next(model.parameters()).device)
+        self.stats = CaptureStats()
+        self.sender = _Sender(client, next(model.parameters()).device, self.stats)
         self._hidden: list[torch.Tensor | None] = [None] * len(self.layers)
         self._ids: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._handles: list = []
-        self.stats = CaptureStats()
 
     def __enter__(self) -> _Capture:
         self.sender.start()
@@ -424,7 +428,7 @@ def capture(model: torch.nn.Module, client: HCacheClient, ctx: str | list[str], 
     """Save the input hidden states (and/or K/V) of every token `model` processes inside the block into
     context `ctx` (one id, or one per batch row), appending if it exists; the block's end waits until
     it is durable. `store`: "plan" (what the planner keeps per layer), "hidden", "kv" or "both".
-    Yields the block's CaptureStats (what it has cost the forward passes so far)."""
+    Yields the block's CaptureStats (what it has cost so far, on the forward passes' path and off it)."""
     if store not in STORE_CHOICES:
         raise BadRequest(f"store={store!r}: use one of {STORE_CHOICES}")
     ctxs = [ctx] if isinstance(ctx, str) else list(ctx)

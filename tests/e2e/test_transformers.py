@@ -119,6 +119,7 @@ def test_capture_reports_its_passes_and_their_cost_on_the_forward_path(hcached):
             with torch.inference_mode():
                 model(seqs[:, -1:])
             assert stats.passes == 7
+        assert stats.send_cpu_s > 0  # the block's end sent what was held back
         model(ids)  # after the block nothing is captured
         assert stats.passes == 7
         client.delete("stats")
