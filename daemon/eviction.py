@@ -3,7 +3,7 @@
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from hcache.daemon.contexts import Context
@@ -37,10 +37,12 @@ class Evictor:
         """What the index already records (at start-up and after a rebuild)."""
         self._persisted = {c.key: c.accessed for c in contexts}
 
-    def candidates(self) -> list[Context]:
-        """Contexts that may be evicted now, least recently accessed first."""
-        ctxs = [c for c in self.store.contexts.values() if not c.pinned and not c.deleted and not busy(c)]
-        return sorted(ctxs, key=lambda c: c.accessed)
+    def candidates(self) -> Iterator[Context]:
+        """Contexts that may be evicted now, least recently accessed first. Each is checked only when reached:
+        busy() walks every chunk of a context, and the TTL pass, twice a second, stops at the first one in date."""
+        for c in sorted(self.store.contexts.values(), key=lambda c: c.accessed):
+            if not c.pinned and not c.deleted and not busy(c):
+                yield c
 
     async def evict(self, ctx: Context, reason: str) -> int:
         """Delete one context; returns the disk bytes this freed."""
@@ -60,8 +62,7 @@ class Evictor:
         for ctx in self.candidates():
             if self.store.space.free() >= nbytes:
                 break
-            if not ctx.deleted and not busy(ctx):
-                freed += await self.evict(ctx, reason)
+            freed += await self.evict(ctx, reason)
         return freed
 
     async def make_room(self, slot_size: int) -> bool:
@@ -73,11 +74,11 @@ class Evictor:
             log.warning("no room for chunks of %d bytes: capacity is taken by slab files of other chunk sizes "
                         "(other models); raise capacity", slot_size)
             return False
-        for ctx in self.candidates():
-            if not ctx.deleted and not busy(ctx):
-                await self.evict(ctx, "capacity")
-                return True
-        return False
+        ctx = next(self.candidates(), None)
+        if ctx is None:
+            return False
+        await self.evict(ctx, "capacity")
+        return True
 
     async def expire(self, now: float) -> None:
         ttl = self.store.cfg.ttl
@@ -86,8 +87,7 @@ class Evictor:
         for ctx in self.candidates():
             if ctx.accessed > now - ttl:
                 break
-            if not ctx.deleted and not busy(ctx):
-                await self.evict(ctx, "ttl")
+            await self.evict(ctx, "ttl")
 
     async def keep_under_watermark(self) -> None:
         """Above the high watermark, evict until usage is under the low one."""
