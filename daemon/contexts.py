@@ -34,6 +34,12 @@ class Chunk:
     def evictable(self) -> bool:
         return not (self.dirty or self.pins or self.flushing or self.loading)
 
+    def put_on_disk(self, slot: SlotRef) -> None:
+        """The chunk's image now lives in `slot` (a flush writes each new image to a fresh one)."""
+        ctx = self.stream.ctx
+        ctx.disk_bytes += slot.slot_size - (self.disk.slot_size if self.disk is not None else 0)
+        self.disk = slot
+
 
 @dataclass(eq=False, slots=True)
 class Stream:
@@ -96,6 +102,7 @@ class Context:
     n_tokens: int = 0  # committed
     durable: int = 0
     writer: object | None = None  # the open append lease, at most one
+    disk_bytes: int = 0  # of the slots its chunks hold on disk: kept as they are placed, not summed per append
     deleted: bool = False
     streams: list[Stream] = field(default_factory=list)
     _by_id: dict[tuple[int, Rep], Stream] = field(default_factory=dict)

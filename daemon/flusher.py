@@ -205,7 +205,7 @@ class Flusher:
             freed = await self.index.commit_chunks(rows, durable)
             for c, slot, n, _, _ in live:
                 c.durable_tokens = n
-                c.disk = slot
+                c.put_on_disk(slot)
             for ctx in contexts:
                 ctx.durable = durable[ctx.key]
             for ref in freed:

@@ -71,7 +71,7 @@ class Store:
             self.dirs[ch.slot.dir].mark_used(ch.slot)
             c = ctx.stream(ch.layer, ch.rep).chunk(ch.idx)
             c.n_tokens = c.durable_tokens = min(ch.n_tokens, ctx.n_tokens - start)
-            c.disk = ch.slot
+            c.put_on_disk(ch.slot)
         for key in stale:
             ctx = self.contexts.get(key)
             first = (ctx.n_tokens + CHUNK_TOKENS - 1) // CHUNK_TOKENS if ctx else 0
@@ -142,8 +142,7 @@ class Store:
     def _check_fits(self, ctx: Context, n_tokens: int) -> None:
         """Refuse at once a save that could never be stored, even with everything unpinned evicted."""
         need = sum(s.image_size * len(chunk_range(0, n_tokens)) for s in ctx.streams)
-        pinned = sum(c.disk.slot_size for other in self.contexts.values() if other.pinned and other is not ctx
-                     for s in other.streams for c in s.chunks if c.disk is not None)
+        pinned = sum(other.disk_bytes for other in self.contexts.values() if other.pinned and other is not ctx)
         room = self.space.capacity() - pinned
         if need > room:
             raise WireError(OVER_CAPACITY, f"context {ctx.ctx_id!r} would need {format_size(need)} on disk with "

@@ -136,3 +136,27 @@ def test_sighup_changes_capacity_live_and_evicts_down_to_the_low_watermark(daemo
         assert s["ttl"] == 3600 and s["evictions"]["capacity"] >= 3
         assert "c5" in _names(c) and "c0" not in _names(c)
     assert "SIGHUP: capacity 16.0 MiB -> 6.0 MiB" in d.log()
+
+
+def test_an_append_that_fits_only_without_the_pinned_contexts_is_refused_until_they_are_unpinned(daemon_factory):
+    d = daemon_factory(slab_size=SLABS, extra=["--capacity", "8MiB"])
+    with HCacheClient(d.socket) as c:
+        for i in range(4):  # ~4 MiB on disk, pinned
+            _save(c, f"p{i}", seed=i)
+            _pin(d, f"p{i}")
+        big = Expected(geometry(MHA, "float32"))
+        c.open("big", model="tiny", geometry=big.geometry, layers=big.layers)
+        ids, data = big.round(1280, torch.Generator().manual_seed(9))  # ~5 MiB: fits 8, not 8 less 4 pinned
+        with pytest.raises(OverCapacity, match="pinned"):
+            c.append("big", ids, data)
+    d.kill()  # the pinned bytes are counted again from the index at start-up
+    d.start()
+    with HCacheClient(d.socket) as c:
+        with pytest.raises(OverCapacity, match="pinned"):
+            c.append("big", ids, data)
+        with ControlClient(d.socket) as ctl:
+            for i in range(4):
+                ctl.call("pin", ns="default", ctx=f"p{i}", pinned=False)
+        c.append("big", ids, data)
+        c.flush("big")
+        assert "big" in _names(c)
