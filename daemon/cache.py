@@ -40,16 +40,14 @@ class ChunkCache:
             self.progress.notify_all()
 
     def _evict_for(self, nbytes: int) -> int | None:
-        off = self.arena.alloc(nbytes)
-        if off is not None:
-            return off
-        for chunk in list(self.lru):
-            if chunk.evictable:
-                self.drop(chunk)
-                off = self.arena.alloc(nbytes)
-                if off is not None:
-                    return off
-        return None
+        """Arena space for nbytes, dropping clean chunks least recently used first; None when the rest is dirty or
+        in use. Looks only as far into the LRU order as it must: a full arena evicts on every allocation."""
+        while (off := self.arena.alloc(nbytes)) is None:
+            victim = next((c for c in self.lru if c.evictable), None)
+            if victim is None:
+                return None
+            self.drop(victim)
+        return off
 
     async def alloc(self, nbytes: int) -> int:
         """Arena space for one image; evicts clean chunks, then waits (bounded) for dirty ones to flush."""
