@@ -34,11 +34,13 @@ class Chunk:
     def evictable(self) -> bool:
         return not (self.dirty or self.pins or self.flushing or self.loading)
 
-    def put_on_disk(self, slot: SlotRef) -> None:
-        """The chunk's image now lives in `slot` (a flush writes each new image to a fresh one)."""
+    def made_durable(self, slot: SlotRef, n_tokens: int) -> None:
+        """The chunk's first n_tokens are durable in `slot` (a flush writes each new image to a fresh one)."""
         ctx = self.stream.ctx
         ctx.disk_bytes += slot.slot_size - (self.disk.slot_size if self.disk is not None else 0)
+        ctx.durable_bytes += (n_tokens - self.durable_tokens) * self.stream.token_bytes
         self.disk = slot
+        self.durable_tokens = n_tokens
 
 
 @dataclass(eq=False, slots=True)
@@ -102,7 +104,10 @@ class Context:
     n_tokens: int = 0  # committed
     durable: int = 0
     writer: object | None = None  # the open append lease, at most one
-    disk_bytes: int = 0  # of the slots its chunks hold on disk: kept as they are placed, not summed per append
+    # Kept as chunks become durable, not summed over every chunk per request: the slots its chunks hold on disk,
+    # and its durable tokens' bytes.
+    disk_bytes: int = 0
+    durable_bytes: int = 0
     deleted: bool = False
     streams: list[Stream] = field(default_factory=list)
     _by_id: dict[tuple[int, Rep], Stream] = field(default_factory=dict)
@@ -133,9 +138,8 @@ class Context:
         return msgpack.packb(self.meta(), use_bin_type=True)
 
     def info(self) -> dict:
-        stored = sum(c.durable_tokens * s.token_bytes for s in self.streams for c in s.chunks)
         return {"namespace": self.namespace, "ctx": self.ctx_id, "model": self.model,
                 "geometry": self.geometry.to_dict(), "layers": self.layers, "n_tokens": self.n_tokens,
-                "durable_tokens": self.durable, "bytes": stored, "created": self.created,
+                "durable_tokens": self.durable, "bytes": self.durable_bytes, "created": self.created,
                 "accessed": self.accessed, "pinned": self.pinned,
                 "streams": [[s.layer, int(s.rep)] for s in self.streams]}

@@ -204,8 +204,7 @@ class Flusher:
                     for c, slot, n, crc, seq in live]
             freed = await self.index.commit_chunks(rows, durable)
             for c, slot, n, _, _ in live:
-                c.durable_tokens = n
-                c.put_on_disk(slot)
+                c.made_durable(slot, n)
             for ctx in contexts:
                 ctx.durable = durable[ctx.key]
             for ref in freed:

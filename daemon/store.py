@@ -72,8 +72,8 @@ class Store:
                 continue
             self.dirs[ch.slot.dir].mark_used(ch.slot)
             c = ctx.stream(ch.layer, ch.rep).chunk(ch.idx)
-            c.n_tokens = c.durable_tokens = min(ch.n_tokens, ctx.n_tokens - start)
-            c.put_on_disk(ch.slot)
+            c.n_tokens = min(ch.n_tokens, ctx.n_tokens - start)
+            c.made_durable(ch.slot, c.n_tokens)
         for key in stale:
             ctx = self.contexts.get(key)
             first = (ctx.n_tokens + CHUNK_TOKENS - 1) // CHUNK_TOKENS if ctx else 0
@@ -284,8 +284,8 @@ class Store:
         return {"placement": streams, "disk_bytes": per_dir, "expires": expires}
 
     def dirty_bytes(self) -> int:
-        return sum(c.stream.image_size for ctx in self.contexts.values() for s in ctx.streams for c in s.chunks
-                   if c.dirty)
+        return sum(c.stream.image_size for ctx in self.contexts.values() if ctx.durable < ctx.n_tokens
+                   for s in ctx.streams for c in s.chunks if c.dirty)
 
     def status(self) -> dict:
         cfg = self.cfg

@@ -5,7 +5,7 @@ import torch
 
 from hcache.client import CorruptChunk, HCacheClient
 from hcache.layout.chunks import HEADER_SIZE, chunk_image_size
-from hcache.layout.geometry import Rep
+from hcache.layout.geometry import TOKEN_RECORD_BYTES, Rep
 from tests.e2e.data import GQA, MHA, Expected, assert_restores, geometry
 from tests.e2e.disk import flip_byte, scan
 
@@ -26,6 +26,24 @@ def test_clean_restart_keeps_everything_committed(daemon):
     daemon.start()
     with HCacheClient(daemon.socket) as c:
         assert_restores(c, "chat", exp)
+
+
+def test_a_context_reports_the_bytes_of_its_durable_tokens_across_a_restart(daemon_factory):
+    d = daemon_factory()
+    exp = Expected(geometry(MHA, "bfloat16"))
+    per_token = (len(exp.layers["hidden"]) * exp.geometry.token_bytes(Rep.HIDDEN)
+                 + len(exp.layers["kv"]) * exp.geometry.token_bytes(Rep.KV) + TOKEN_RECORD_BYTES)
+    with HCacheClient(d.socket) as c:
+        _save(c, exp, torch.Generator().manual_seed(10), [100, 50])
+        c.flush("chat")
+        assert c.stat("chat").raw["bytes"] == 150 * per_token
+        c.append("chat", *exp.round(14, torch.Generator().manual_seed(1)))  # the second chunk's tail grows
+        c.flush("chat")
+        assert c.stat("chat").raw["bytes"] == 164 * per_token
+    d.kill()
+    d.start()
+    with HCacheClient(d.socket) as c:
+        assert c.stat("chat").raw["bytes"] == 164 * per_token
 
 
 def test_kill9_after_durable_ack_restores_bit_exact(daemon_factory, engine):
