@@ -492,6 +492,24 @@ def warm_capture(model: LlamaForCausalLM, ids: torch.Tensor, client: HCacheClien
         client.delete(ctx)
 
 
+def hook_dispatch_s(calls: int = 20000) -> float:
+    """What a module's call costs beyond its forward once a forward hook with kwargs is registered on it (nn.Module
+    leaves its fast path), on this host: capture's hooks time their own bodies, not this."""
+    module, x = torch.nn.Identity(), torch.zeros(1)
+
+    def per_call() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            module(x)
+        return (time.perf_counter() - start) / calls
+
+    plain = min(per_call() for _ in range(5))
+    handle = module.register_forward_pre_hook(lambda m, a, kw: None, with_kwargs=True)
+    hooked = min(per_call() for _ in range(5))
+    handle.remove()
+    return max(hooked - plain, 0.0)
+
+
 def capture_tbt(model: LlamaForCausalLM, hc: Hcached, args: argparse.Namespace, decoding: set[int]) -> dict:
     """Capture's cost per decode step, batch 1 and 8, as deployed (store="plan") and saving every layer's hidden
     states and K/V (store="both": three times the bytes, for MHA): the time its hooks take inside the steps, plus the
@@ -508,6 +526,7 @@ def capture_tbt(model: LlamaForCausalLM, hc: Hcached, args: argparse.Namespace, 
     assert hc.proc is not None and hc.proc.proc is not None
     device, pid = next(model.parameters()).device, hc.proc.proc.pid
     plain = twin(model)
+    dispatch = hook_dispatch_s() * (model.config.num_hidden_layers + 2)  # a step's hooked calls: layers, model x2
     out: dict[str, dict] = {}
     with hc.client() as client:
         for store in TBT_STORES:
@@ -519,23 +538,26 @@ def capture_tbt(model: LlamaForCausalLM, hc: Hcached, args: argparse.Namespace, 
                 on, off, hooks, cpu = interleaved_steps(model, plain, ids, args.tbt_tokens, client,
                                                         [f"tbt-{batch}-{r}" for r in range(batch)], store, pid,
                                                         decoding)
-                out.setdefault(store, {})[str(batch)] = tbt_summary(store, batch, on, off, hooks, cpu,
+                out.setdefault(store, {})[str(batch)] = tbt_summary(store, batch, on, off, hooks, dispatch, cpu,
                                                                     spare_cores=device.type == "cuda")
     del plain
     return out
 
 
-def tbt_summary(store: str, batch: int, on: list[float], off: list[float], hooks: float,
+def tbt_summary(store: str, batch: int, on: list[float], off: list[float], hooks: float, dispatch: float,
                 cpu: dict[str, float], spare_cores: bool) -> dict:
+    """`hooks`: seconds inside capture's hooks over the steps; `dispatch`: seconds a step's hooked module calls
+    cost besides; `cpu`: CPU seconds off the steps' path."""
     step_s = sum(off)
-    on_path, background = hooks / step_s, sum(cpu.values()) / step_s
+    on_path, background = (hooks + dispatch * len(on)) / step_s, sum(cpu.values()) / step_s
     in_process = sum(cpu.get(k, 0.0) for k in IN_PROCESS) / step_s
     overhead = on_path + (in_process if spare_cores else background)
     ratios = [a / b for a, b in zip(on, off, strict=True)]
     q1, median, q3 = statistics.quantiles(ratios, n=4)
     se = 1.2533 * (q3 - q1) / 1.349 / math.sqrt(len(ratios))
     log(f"store={store} batch {batch}: {statistics.median(off) * 1e3:.1f} ms a step; capture's hooks "
-        f"{hooks * 1e3 / len(on):.2f} ms ({on_path:.2%}) + CPU off the step's path {background:.2%} ("
+        f"{hooks * 1e3 / len(on):.2f} ms + their dispatch {dispatch * 1e3:.3f} ms ({on_path:.2%}) + CPU off the "
+        f"step's path {background:.2%} ("
         + ", ".join(f"{k} {v * 1e3 / len(on):.2f}" for k, v in cpu.items())
         + f" ms a step) = {on_path + background:+.2%}; hooks and capture's threads in this process "
         f"{on_path + in_process:+.2%}; steps in turn with the twin: median ratio {median:.3f} +- {se:.3f} (quartiles "
@@ -543,7 +565,7 @@ def tbt_summary(store: str, batch: int, on: list[float], off: list[float], hooks
     return {"overhead": overhead, "overhead_counts": "in_process" if spare_cores else "all_cpu",
             "overhead_all_cpu": on_path + background, "overhead_in_process": on_path + in_process,
             "on_path": on_path, "background": background, "in_process": in_process,
-            "hook_ms_per_step": hooks * 1e3 / len(on),
+            "hook_ms_per_step": hooks * 1e3 / len(on), "hook_dispatch_ms_per_step": dispatch * 1e3,
             "background_cpu_ms_per_step": {k: v * 1e3 / len(on) for k, v in cpu.items()},
             "off_ms": statistics.median(off) * 1e3,
             "interleaved": {"median_ratio": median, "ratio_quartiles": [q1, q3], "median_se": se},
@@ -711,7 +733,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
         **result,
         "capture_tbt_setup": {"prompt_tokens": PROMPT_TOKENS, "steps": args.tbt_tokens, "stores": TBT_STORES,
                               "warmup_steps": TBT_WARMUP_STEPS,
-                              "statistic": "(seconds in capture's hooks + CPU seconds of capture's sender, the "
+                              "statistic": "(seconds in capture's hooks and their dispatch (nn.Module's slow "
+                                           "path, measured on an Identity) + CPU seconds of capture's sender, the "
                                            "client's loop, ZeroMQ's threads, their OpenMP workers and hcached; on "
                                            "CUDA of the sender and the client's loop alone) over the steps / the "
                                            "same steps' time without capture (the twin's)"},
