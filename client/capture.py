@@ -263,6 +263,10 @@ class _Capture:
         self.store = store
         self.project = Projector(model)  # for K/V a sliding-window cache no longer holds
         self.layers = self.project.layers
+        devices = {str(p.device) for layer in self.layers for p in layer.parameters()}
+        if len(devices) > 1:  # a pass's layer inputs are stacked on one device, and its copy waits on one stream
+            raise BadRequest(f"capture needs the model's decoder layers on one device; they are on {sorted(devices)}:"
+                             " load the model on one device (no device_map split)")
         self.geometry = geometry_of(model)
         self.fingerprint = fingerprint(model, model_id)
         self.stored: dict[str, _Stored] = {}

@@ -158,3 +158,15 @@ def test_capture_refuses_a_static_cache_before_storing_anything(hcached, how):
                 model(ids, cache=StaticCache(model.config, max_cache_len=16), use_cache=True)
         with pytest.raises(UnknownContext):
             client.stat(f"static-{how}")
+
+
+def test_capture_refuses_a_model_split_over_devices_before_storing_anything(hcached):
+    import copy
+
+    model = copy.deepcopy(model_of("llama-gqa", "fp32"))
+    model.model.layers[2].to("meta")  # as a device_map would place a layer on another device
+    with HCacheClient(hcached.socket) as client:
+        with pytest.raises(BadRequest, match="one device"), capture(model, client, "split"):
+            pass
+        with pytest.raises(UnknownContext):
+            client.stat("split")
