@@ -18,8 +18,11 @@ from hcache.client.sync import HCacheClient
 from hcache.layout.geometry import Rep
 
 METHODS = ("auto", "hidden", "kv", "recompute")
-_LAYERS_IN_FLIGHT = 3
+_READS_IN_FLIGHT = 3
 _READ_AHEAD_BYTES = 1 << 30  # read but not yet used: on a GPU, device memory
+# A read request costs about a millisecond besides its bytes (lease, copy, release through the daemon): small
+# layers are read several to a request, up to this many bytes, so a short context is not all request overhead.
+_READ_BYTES = 4 << 20
 _REP = {"H": "hidden", "KV": "kv"}
 
 
@@ -82,12 +85,13 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
     device = next(model.parameters()).device
     methods = choose_methods(info, method, len(passes), device.type, profile)
     r = methods.count("RE")
-    pending = collections.deque(i for i in range(r, len(methods)))
-    reads: dict[int, concurrent.futures.Future] = {}  # started, not yet used
+    layer_bytes = n * max(info.geometry.token_bytes(Rep.HIDDEN), info.geometry.token_bytes(Rep.KV))
+    pending = collections.deque(_read_groups(methods, r, max(1, _READ_BYTES // layer_bytes)))
+    first = {i: g[0] for g in pending for i in g}  # each layer's group, by its first layer
+    reads: dict[int, concurrent.futures.Future] = {}  # by first layer: started, not yet used up
     # The plan has the reads stream from time 0, the recompute prefix meanwhile: a finished read starts the next
     # one (from the client's thread), up to a bound on what is read but not used yet.
-    layer_bytes = n * max(info.geometry.token_bytes(Rep.HIDDEN), info.geometry.token_bytes(Rep.KV))
-    ahead = max(_LAYERS_IN_FLIGHT, _READ_AHEAD_BYTES // layer_bytes)
+    ahead = max(_READS_IN_FLIGHT, _READ_AHEAD_BYTES // (layer_bytes * max(map(len, pending), default=1)))
     lock = threading.RLock()  # a read that is already done runs its callback at once, in the starting thread
 
     def start_reads(done: concurrent.futures.Future | None = None) -> None:
@@ -95,11 +99,11 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
             if done is not None and done.exception() is not None:
                 pending.clear()  # the restore fails with it: read no more
             while (pending and len(reads) < ahead
-                   and sum(not f.done() for f in reads.values()) < _LAYERS_IN_FLIGHT):
-                i = pending.popleft()
-                # On CUDA the client DMAs each layer from the arena to the GPU on a copy stream.
-                reads[i] = client.restore_future(ctx, _REP[methods[i]], [i], 0, n, device=device)
-                reads[i].add_done_callback(start_reads)
+                   and sum(not f.done() for f in reads.values()) < _READS_IN_FLIGHT):
+                group = pending.popleft()
+                # On CUDA the client DMAs the layers from the arena to the GPU on a copy stream.
+                reads[group[0]] = client.restore_future(ctx, _REP[methods[group[0]]], group, 0, n, device=device)
+                reads[group[0]].add_done_callback(start_reads)
 
     start_reads()
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -111,10 +115,11 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
         pieces = list(itertools.pairwise([0, *itertools.accumulate(passes)]))
         ropes: list = []  # per pass: the same for every layer projected
         for i in range(r, len(methods)):
-            data = reads[i].result()[0]
-            with lock:
-                del reads[i]
-            start_reads()
+            data = reads[first[i]].result()[i - first[i]]
+            if i + 1 == len(methods) or first.get(i + 1) != first[i]:  # the group's last layer
+                with lock:
+                    del reads[first[i]]
+                start_reads()
             if device.type == "cuda":  # allocated on the copy stream: keep it from reuse while this one reads it
                 data.record_stream(torch.cuda.current_stream(device))
             if methods[i] == "H":
@@ -127,3 +132,14 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
                 kv.append((data[:, 0].transpose(0, 1)[None], data[:, 1].transpose(0, 1)[None]))
     return kv, token_ids
 
+
+
+def _read_groups(methods: list[str], start: int, most: int) -> list[list[int]]:
+    """Layers from `start` on in read requests: runs of consecutive layers of one method, at most `most` each."""
+    groups: list[list[int]] = []
+    for i in range(start, len(methods)):
+        if groups and methods[groups[-1][0]] == methods[i] and len(groups[-1]) < most:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
