@@ -40,9 +40,7 @@ class Store:
         self.cache = ChunkCache(arena, dirs, engine, backpressure_s=cfg.lease_timeout, read_throttle=cfg.read_throttle)
         self.space = Space(cfg, dirs, engine)
         self.flusher = Flusher(self.cache, dirs, index, cfg.flush_batch, self.space)
-        # Only contexts not yet durable hold dirty chunks: the rest are not walked chunk by chunk.
-        self.cache.on_pressure = lambda: self.flusher.add_all_dirty(
-            [c for c in self.contexts.values() if c.durable < c.n_tokens])
+        self.cache.on_pressure = lambda: self.flusher.add_all_dirty(list(self.contexts.values()))
         self.evictor = Evictor(self)
         self.space.make_room = self.evictor.make_room
         self.maintenance = ""  # while set (what is going on), requests that touch contexts get BUSY
