@@ -14,6 +14,7 @@ def _dirty_context() -> Context:
             c = s.chunk(i)
             c.n_tokens = CHUNK_TOKENS
             c.arena_off = 0
+    ctx.n_tokens = 3 * CHUNK_TOKENS  # committed, none durable yet
     return ctx
 
 
