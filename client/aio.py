@@ -18,7 +18,7 @@ from hcache.client.gpu import GpuCopier
 from hcache.client.layout import TORCH_DTYPES, ContextInfo, rep_of, stream_bytes
 from hcache.client.shm import ArenaMap
 from hcache.client.transport import Transport
-from hcache.layout.chunks import CHUNK_TOKENS, chunk_image_size, chunk_range, segments
+from hcache.layout.chunks import CHUNK_TOKENS, chunk_image_size, chunk_range, payload_runs, segments
 from hcache.layout.geometry import PASS_START, TOKEN_RECORD_BYTES, Geometry, Rep
 from hcache.layout.paths import client_endpoint
 
@@ -174,16 +174,13 @@ class AsyncHCacheClient:
 
     def _scatter(self, lease: dict, pieces: list[np.ndarray]) -> None:
         """Copy each stream's tokens into its leased chunks: a memcpy per chunk, on this thread alone."""
-        arena = self._arena.array
-        parts = segments(lease["start"], lease["end"])
+        arena, start, end = self._arena.array, lease["start"], lease["end"]
+        per_stream = len(chunk_range(start, end))
         for k, src in enumerate(pieces):
-            chunk_offsets = lease["offsets"][k * len(parts) : (k + 1) * len(parts)]
-            tb, flat = src.shape[1], src.reshape(-1)  # a stream's tokens are contiguous
-            t = 0
-            for pos, first, count in parts:
-                off = chunk_offsets[pos] + first * tb
-                arena[off : off + count * tb] = flat[t * tb : (t + count) * tb]
-                t += count
+            flat = src.reshape(-1)  # a stream's tokens are contiguous
+            for off, at, n in payload_runs(lease["offsets"][k * per_stream : (k + 1) * per_stream], start, end,
+                                           src.shape[1]):
+                arena[off : off + n] = flat[at : at + n]
 
     # -- restoring --------------------------------------------------------------------------------
     async def restore(self, ctx: str, rep: str, layers: Sequence[int] | None = None, start: int = 0,

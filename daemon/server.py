@@ -19,7 +19,7 @@ from hcache.daemon.leases import Lease
 from hcache.daemon.metrics import Metrics
 from hcache.daemon.store import Store
 from hcache.layout import wire
-from hcache.layout.chunks import HEADER_SIZE, chunk_range, segments
+from hcache.layout.chunks import chunk_range, payload_runs
 from hcache.layout.geometry import Geometry
 from hcache.layout.paths import endpoint_for
 from hcache.layout.wire import BAD_REQUEST, BUSY, INTERNAL, WireError, get, get_count
@@ -157,16 +157,11 @@ class Server:
 
     def _scatter(self, lease: Lease, frames: list) -> None:
         view = self.store.arena.view
-        pieces = segments(lease.start, lease.end)
-        per_stream = len(chunk_range(lease.start, lease.end))
+        per_stream, offsets = len(chunk_range(lease.start, lease.end)), self.store.payload_offsets(lease)
         for k, (stream, frame) in enumerate(zip(lease.ctx.streams, frames, strict=True)):
-            tb = stream.token_bytes
-            src = 0
-            for pos, first, count in pieces:
-                chunk = lease.chunks[k * per_stream + pos]
-                dst = chunk.arena_off + HEADER_SIZE + first * tb
-                view[dst : dst + count * tb] = frame[src : src + count * tb]
-                src += count * tb
+            mine = offsets[k * per_stream : (k + 1) * per_stream]
+            for off, at, n in payload_runs(mine, lease.start, lease.end, stream.token_bytes):
+                view[off : off + n] = frame[at : at + n]
 
     async def op_commit(self, peer: bytes, h: dict, frames: list) -> Reply:
         ctx = self.store.commit(peer, get(h, "lease", int))
@@ -196,17 +191,13 @@ class Server:
 
     def _gather(self, lease: Lease, n_streams: int) -> list[bytes]:
         view = self.store.arena.view
-        pieces = segments(lease.start, lease.end)
-        per_stream = len(chunk_range(lease.start, lease.end))
+        per_stream, offsets = len(chunk_range(lease.start, lease.end)), self.store.payload_offsets(lease)
         out = []
         for k in range(n_streams):
             tb = lease.chunks[k * per_stream].stream.token_bytes if per_stream else 0
             buf = bytearray((lease.end - lease.start) * tb)
-            src = 0
-            for pos, first, count in pieces:
-                off = lease.chunks[k * per_stream + pos].arena_off + HEADER_SIZE + first * tb
-                buf[src : src + count * tb] = view[off : off + count * tb]
-                src += count * tb
+            for off, at, n in payload_runs(offsets[k * per_stream : (k + 1) * per_stream], lease.start, lease.end, tb):
+                buf[at : at + n] = view[off : off + n]
             out.append(buf)
         return out
 

@@ -5,6 +5,7 @@ an arena slot and in a slab slot, so flushing and loading are single aligned tra
 """
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import crc32c
@@ -132,3 +133,13 @@ def segments(start_token: int, end_token: int) -> list[tuple[int, int, int]]:
         out.append((c - first, t - c * CHUNK_TOKENS, count))
         t += count
     return out
+
+
+def payload_runs(payload_offsets: list[int], start_token: int, end_token: int,
+                 token_bytes: int) -> Iterator[tuple[int, int, int]]:
+    """Tokens [start, end) of one stream as byte runs (offset in the arena, offset in a buffer that holds them back
+    to back, length); `payload_offsets`: each chunk's payload offset, one per chunk of chunk_range(start, end)."""
+    at = 0
+    for pos, first, count in segments(start_token, end_token):
+        yield payload_offsets[pos] + first * token_bytes, at, count * token_bytes
+        at += count * token_bytes
