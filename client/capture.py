@@ -263,16 +263,17 @@ class _Capture:
         self.store = store
         self.project = Projector(model)  # for K/V a sliding-window cache no longer holds
         self.layers = self.project.layers
-        devices = {str(p.device) for layer in self.layers for p in layer.parameters()}
+        devices = sorted({str(d) for d in self.project.devices})
         if len(devices) > 1:  # a pass's layer inputs are stacked on one device, and its copy waits on one stream
-            raise BadRequest(f"capture needs the model's decoder layers on one device; they are on {sorted(devices)}:"
-                             " load the model on one device (no device_map split)")
+            raise BadRequest(f"capture needs the model's decoder layers on one device; they are on {devices}: load "
+                             "the model on one device (no device_map split)")
+        device = self.project.devices[0]
         self.geometry = geometry_of(model)
         self.fingerprint = fingerprint(model, model_id)
         self.stored: dict[str, _Stored] = {}
-        self._kept = torch.zeros(len(ctxs), dtype=torch.long, device=next(model.parameters()).device)  # in the block
+        self._kept = torch.zeros(len(ctxs), dtype=torch.long, device=device)  # in the block
         self.stats = CaptureStats()
-        self.sender = _Sender(client, next(model.parameters()).device, self.stats)
+        self.sender = _Sender(client, device, self.stats)
         self._hidden: list[torch.Tensor | None] = [None] * len(self.layers)
         self._ids: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
@@ -317,10 +318,10 @@ class _Capture:
             raise BadRequest(f"capture needs the attention mask as [batch, tokens] of 0 and 1, got {shape}: a static "
                              "cache (cache_implementation='static') passes a prepared mask; generate with the default "
                              "dynamic cache, or pass the 2D mask")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ())):
-            raise BadRequest(f"capture reads each step's K/V from a dynamic cache, the model got a "
-                             f"{type(cache).__name__}: generate without cache_implementation='static', or pass a "
+        layers = getattr(kwargs.get("cache", kwargs.get("past_key_values")), "layers", None)
+        if layers and isinstance(layers[0], StaticLayer):  # a cache's layers are all static or none: one look a pass
+            raise BadRequest(f"capture reads each step's K/V from a dynamic cache, the model got static cache layers "
+                             f"({type(layers[0]).__name__}): generate without cache_implementation='static', or pass a "
                              "DynamicCache")
         self._ids = ids
         self._mask = mask

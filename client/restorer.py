@@ -133,7 +133,6 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
     return kv, token_ids
 
 
-
 def _read_groups(methods: list[str], start: int, most: int) -> list[list[int]]:
     """Layers from `start` on in read requests: runs of consecutive layers of one method, at most `most` each."""
     groups: list[list[int]] = []

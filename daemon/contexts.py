@@ -112,6 +112,11 @@ class Context:
     streams: list[Stream] = field(default_factory=list)
     _by_id: dict[tuple[int, Rep], Stream] = field(default_factory=dict)
 
+    @property
+    def dirty(self) -> bool:
+        """Some committed token is not durable yet; only then does a chunk of it need flushing."""
+        return self.durable < self.n_tokens
+
     def __post_init__(self) -> None:
         order = [(layer, rep_from_name(name)) for name in ("hidden", "kv") for layer in self.layers.get(name, [])]
         order.append((self.geometry.num_layers, Rep.TOKENS))  # token ids: one extra stream

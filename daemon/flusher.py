@@ -61,8 +61,8 @@ class Flusher:
 
     def add_all_dirty(self, contexts: list[Context]) -> None:
         for ctx in contexts:
-            if ctx.durable >= ctx.n_tokens:
-                continue  # no dirty chunk: not walked chunk by chunk
+            if not ctx.dirty:
+                continue  # not walked chunk by chunk
             for s in ctx.streams:
                 for c in s.chunks:
                     if c.dirty and c.arena_off is not None:

@@ -282,7 +282,7 @@ class Store:
         return {"placement": streams, "disk_bytes": per_dir, "expires": expires}
 
     def dirty_bytes(self) -> int:
-        return sum(c.stream.image_size for ctx in self.contexts.values() if ctx.durable < ctx.n_tokens
+        return sum(c.stream.image_size for ctx in self.contexts.values() if ctx.dirty
                    for s in ctx.streams for c in s.chunks if c.dirty)
 
     def status(self) -> dict:
