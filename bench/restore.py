@@ -70,7 +70,6 @@ LEVEL_BUDGET_S = 40.0
 LEVEL_WALL_S = {"cpu": 120.0, "cuda": 25.0}
 CONTENDER = 1.5
 PROMPT_TOKENS = 16
-TBT_WARMUP_STEPS = 8
 IN_PROCESS = ("hcache-capture", "hcache-client")  # capture's threads beside the model's, under its GIL
 TBT_STORES = ("plan", "both")  # capture_tbt_overhead is the first's: capture as deployed
 GOALS = {"projection_vs_recompute": 6.0, "auto_vs_best_single": 0.95, "auto_vs_best_single_balanced": 1.0,
@@ -436,15 +435,13 @@ def background_cpu_s(daemon_pid: int, decoding: set[int], stats: CaptureStats) -
     the client's loop, ZeroMQ's I/O, and the OpenMP workers these start for their own copies ("other")."""
     ours = {t.native_id: t.name for t in threading.enumerate() if t.name in IN_PROCESS}
     out = {"hcached": process_cpu_s(daemon_pid), "hcache-capture": stats.send_cpu_s}
-    for tid in tasks() - decoding:
+    for tid in tasks() - decoding - {tid for tid, name in ours.items() if name == "hcache-capture"}:
         task = Path(f"/proc/self/task/{tid}")
         try:
             comm, cpu_ns = (task / "comm").read_text(), int((task / "schedstat").read_text().split()[0])
         except (FileNotFoundError, ProcessLookupError):
             continue  # ended meanwhile
         name = ours.get(tid) or ("zmq" if comm.startswith("ZMQbg") else "other")
-        if name == "hcache-capture":
-            continue
         out[name] = out.get(name, 0.0) + cpu_ns / 1e9
     return out
 
@@ -481,9 +478,9 @@ def interleaved_steps(model: LlamaForCausalLM, plain: LlamaForCausalLM, ids: tor
 
 def warm_capture(model: LlamaForCausalLM, ids: torch.Tensor, client: HCacheClient, ctxs: list[str], store: str,
                  steps: int) -> None:
-    """Capture as many steps as a measured block, unmeasured: its host buffers are then pooled (page-locked, on a
-    GPU), as in a server that has been capturing a while; their first use takes page faults (or pinning) that a
-    measured block would count."""
+    """Capture as many steps as a measured block, unmeasured: a shape's first steps and the process's first appends
+    are behind, and the block's host buffers are pooled (page-locked, on a GPU), as in a server that has been
+    capturing a while; their first use takes page faults (or pinning) that a measured block would count."""
     g = Greedy(model, ids)
     with capture(model, client, ctxs, store=store):
         for _ in range(steps + 1):
@@ -532,9 +529,7 @@ def capture_tbt(model: LlamaForCausalLM, hc: Hcached, args: argparse.Namespace, 
         for store in TBT_STORES:
             for batch in (1, 8):
                 ids = random_ids(PROMPT_TOKENS, batch, model.config.vocab_size, args.seed + batch, device)
-                warm = [f"tbt-warm-{r}" for r in range(batch)]  # a shape's first steps, a process's first appends
-                interleaved_steps(model, plain, ids, TBT_WARMUP_STEPS, client, warm, store, pid, decoding)
-                warm_capture(model, ids, client, warm, store, args.tbt_tokens)
+                warm_capture(model, ids, client, [f"tbt-warm-{r}" for r in range(batch)], store, args.tbt_tokens)
                 on, off, hooks, cpu = interleaved_steps(model, plain, ids, args.tbt_tokens, client,
                                                         [f"tbt-{batch}-{r}" for r in range(batch)], store, pid,
                                                         decoding)
@@ -732,7 +727,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
                         "; reads refitted to the cold all-KV restore at each throttle (profiled reads are single)",
         **result,
         "capture_tbt_setup": {"prompt_tokens": PROMPT_TOKENS, "steps": args.tbt_tokens, "stores": TBT_STORES,
-                              "warmup_steps": TBT_WARMUP_STEPS,
+                              "warmup": "an unmeasured capture of as many steps first",
                               "statistic": "(seconds in capture's hooks and their dispatch (nn.Module's slow "
                                            "path, measured on an Identity) + CPU seconds of capture's sender, the "
                                            "client's loop, ZeroMQ's threads, their OpenMP workers and hcached; on "
