@@ -55,9 +55,15 @@ def choose_methods(info: ContextInfo, method: str, passes: int = 1, device: str 
 
 
 def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str = "auto",
-            model_id: str | None = None, profile: Profile | None = None) -> tuple[object, torch.Tensor]:
+            model_id: str | None = None, profile: Profile | None = None,
+            exact: bool = True) -> tuple[object, torch.Tensor]:
     """A transformers cache holding context `ctx`, and its tokens as a LongTensor [1, n]; continue with
-    model.generate(torch.cat([token_ids, new_ids], 1), cache=cache)."""
+    model.generate(torch.cat([token_ids, new_ids], 1), cache=cache).
+
+    `exact` projects and recomputes in the model's own forward passes, so the cache is the model's to the bit; a
+    context it decoded token by token then costs a projection (H) or a forward (RE) per token and layer. With
+    exact=False they run over all tokens in one pass, as a re-prefill does: tokens the model did not see in one
+    pass come back equal up to rounding. K/V reads are exact either way; the planner costs what will run."""
     from hcache.client.projection import build_cache, fingerprint, geometry_of
 
     if method not in METHODS:
@@ -71,17 +77,19 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
     if n == 0:
         raise BadRequest(f"context {ctx!r} holds no tokens yet: there is nothing to restore")
     with responsive():  # the client's IO thread gets the GIL while this one launches kernels
-        kv, token_ids = _rebuild(model, client, ctx, info, method, profile)
+        kv, token_ids = _rebuild(model, client, ctx, info, method, profile, exact)
     return build_cache(model, kv), token_ids[None]
 
 
 def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: ContextInfo, method: str,
-             profile: Profile | None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+             profile: Profile | None, exact: bool) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Every layer's K, V [1, n_kv, n, head_dim] by the chosen methods, and the context's token ids [n]."""
     from hcache.client.projection import Projector, recompute_prefix, rope_tables
 
     n = info.n_tokens
     token_ids, passes = client.tokens_and_passes(ctx, n)  # passes: redo the model's arithmetic in its pieces
+    if not exact:
+        passes = [n]
     device = next(model.parameters()).device
     methods = choose_methods(info, method, len(passes), device.type, profile)
     r = methods.count("RE")

@@ -3,8 +3,10 @@
 Round 1 is generated under capture(); after each round the model's own cache is dropped. Every later round
 restores the context by each method (recompute, kv, hidden, auto), prints its restore time and time to first
 token, checks that all methods give the same greedy reply, and grows the context with that round (append).
+Beside them, for comparison: recompute and hidden in one pass over all tokens (exact=False: no replay of the
+decode steps, equal up to rounding), and no hcache at all (the model prefills the whole conversation again).
 The daemon is killed with SIGKILL and restarted between rounds 2 and 3: the context comes back from disk.
-Exits non-zero if the methods disagree.
+Exits non-zero if the exact methods disagree.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from hcache.transformers import capture, restore
 
 CTX = "chat-42"
 TURNS = ["Suggest a name for a black cat.", "Why is that a good name?", "Write a short poem about the cat."]
-METHODS = ("recompute", "kv", "hidden", "auto")
+METHODS = ("recompute", "kv", "hidden", "auto")  # exact: every one must give the same reply
+ONE_PASS = ("recompute", "hidden")  # exact=False (kv reads are exact anyway)
+NO_HCACHE = "no hcache: prefill"
 CAPTURED_BY = "auto"  # the method whose generation is captured (appended): last, so the others see the old context
 NEW_TOKENS = 30
 
@@ -53,11 +57,12 @@ class Chat:
         return self.tokenizer.decode(seq[0, prompt_len:], skip_special_tokens=True)
 
 
-def restored_round(chat: Chat, client: HCacheClient, ids: torch.Tensor, method: str) -> tuple[torch.Tensor, dict]:
+def restored_round(chat: Chat, client: HCacheClient, ids: torch.Tensor, method: str,
+                   exact: bool = True) -> tuple[torch.Tensor, dict]:
     """Restore the context by `method`, continue the conversation; (sequence, timings). TTFT = restore + the
     forward of the new tokens that yields the first reply token; the rest of the reply continues on that cache."""
     t0 = time.perf_counter()
-    cache, ctx_ids = restore(chat.model, client, CTX, method=method)
+    cache, ctx_ids = restore(chat.model, client, CTX, method=method, exact=exact)
     t1 = time.perf_counter()
     n = ctx_ids.shape[1]
     if not torch.equal(ids[:, :n], ctx_ids):
@@ -66,6 +71,15 @@ def restored_round(chat: Chat, client: HCacheClient, ids: torch.Tensor, method: 
     t2 = time.perf_counter()
     seq, _ = chat.generate(first, cache, n=NEW_TOKENS - 1)
     return seq, {"restored": n, "new": ids.shape[1] - n, "restore_ms": (t1 - t0) * 1e3, "ttft_ms": (t2 - t0) * 1e3}
+
+
+def prefilled_round(chat: Chat, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The conversation continued without hcache: the model prefills all of it again; (sequence, timings)."""
+    t0 = time.perf_counter()
+    first, cache = chat.generate(ids, n=1)
+    t1 = time.perf_counter()
+    seq, _ = chat.generate(first, cache, n=NEW_TOKENS - 1)
+    return seq, {"restored": 0, "new": ids.shape[1], "restore_ms": 0.0, "ttft_ms": (t1 - t0) * 1e3}
 
 
 def show_reply(text: str) -> None:
@@ -129,32 +143,40 @@ def main() -> int:
     for f in failures:
         print(f"demo: FAILED: {f}", file=sys.stderr)
     if not failures:
-        print("every method restored the context and gave the same replies, across a kill -9 of hcached")
+        print("every exact method restored the context and gave the same replies, across a kill -9 of hcached")
     return 1 if failures else 0
 
 
 def restore_every_way(chat: Chat, client: HCacheClient, ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Continue the conversation from the context restored by each method; (the reply, whether all agree)."""
+    """Continue the conversation from the context restored by each method; (the reply, whether the exact methods
+    agree). The one-pass restores and the prefill without hcache are shown beside them, not required to agree."""
     results: dict[str, tuple[torch.Tensor, dict]] = {}
     for method in METHODS:
         if method == CAPTURED_BY:  # this round's tokens are appended to the context for the next round
+            for other in ONE_PASS:
+                results[f"{other} (one pass)"] = restored_round(chat, client, ids, other, exact=False)
+            results[NO_HCACHE] = prefilled_round(chat, ids)
             with capture(chat.model, client, CTX, store="both"):  # keep every method possible
                 results[method] = restored_round(chat, client, ids, method)
         else:
             results[method] = restored_round(chat, client, ids, method)
     first = results[METHODS[0]][1]
     print(f"  restored {first['restored']} tokens + {first['new']} new tokens:")
-    print(f"  {'method':<10} {'restore ms':>10} {'TTFT ms':>8}  reply")
+    print(f"  {'method':<22} {'restore ms':>10} {'TTFT ms':>8}  reply")
     ref = results[METHODS[0]][0]
     same = True
-    for method, (seq, t) in results.items():
+    for name in [*METHODS, *(f"{m} (one pass)" for m in ONE_PASS), NO_HCACHE]:
+        seq, t = results[name]
         agree = torch.equal(seq, ref)
-        same &= agree
-        print(f"  {method:<10} {t['restore_ms']:>10.0f} {t['ttft_ms']:>8.0f}  {'same' if agree else 'DIFFERENT'}"
-              + ("  (captured: appended)" if method == CAPTURED_BY else ""))
+        exact = name in METHODS
+        same &= agree or not exact
+        verdict = "same" if agree else "DIFFERENT" if exact else "differs (not bit-exact)"
+        restore_ms = f"{t['restore_ms']:.0f}" if name != NO_HCACHE else "-"
+        print(f"  {name:<22} {restore_ms:>10} {t['ttft_ms']:>8.0f}  {verdict}"
+              + ("  (captured: appended)" if name == CAPTURED_BY else ""))
     if not same:
-        for method, (seq, _) in results.items():
-            print(f"  {method}: {chat.reply_of(seq, ids.shape[1])!r}")
+        for name, (seq, _) in results.items():
+            print(f"  {name}: {chat.reply_of(seq, ids.shape[1])!r}")
     return ref, same
 
 

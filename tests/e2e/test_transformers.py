@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from hcache.client import BadRequest, HCacheClient, UnknownContext
-from hcache.client.projection import decoder_layers
+from hcache.client.costs import Profile
+from hcache.client.projection import Projector, decoder_layers, geometry_of, project_kv
+from hcache.layout.geometry import Rep
 from hcache.transformers import capture, restore
 from tests.client.test_projection import CONFIGS, DTYPES, VOCAB, model_of
 
@@ -105,6 +107,64 @@ def test_auto_plan_over_rounds_survives_sigkill(hcached, family, dtype):
         assert torch.equal(seqs, ref[rnd]), f"round {rnd + 1}"
         hcached.kill()  # durable once capture returned: nothing may be lost
         hcached.start()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "phi3", "gpt2"])
+def test_one_pass_restore_runs_over_all_tokens_at_once(hcached, family, dtype):
+    model = model_of(family, dtype)
+    ctx = f"one-pass-{family}-{dtype}"
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, ctx, store="both"):
+            seqs, decoded = _generate(model, _prompt(14, 20), n=FIRST_ROUND_TOKENS)  # a prefill, then decode steps
+        ids = seqs[:, :-1]
+        n = ids.shape[1]
+        hidden = client.restore(ctx, "hidden", None, 0, n)  # [layers, n, D], as the decode steps saw them
+        positions = torch.arange(n)[None]
+        with torch.no_grad():
+            prefill = model(ids, use_cache=True).cache  # every token in one forward pass
+        for method in ("hidden", "recompute"):
+            cache, got = restore(model, client, ctx, method=method, exact=False)
+            assert torch.equal(got, ids)
+            for i in range(len(decoder_layers(model))):
+                k, v = cache.layers[i].keys, cache.layers[i].values
+                if method == "hidden":
+                    want = project_kv(model, i, hidden[i][None], positions)
+                else:
+                    want = prefill.layers[i].keys, prefill.layers[i].values
+                assert torch.equal(k, want[0]) and torch.equal(v, want[1]), (method, i)
+                # The model's own cache, built a token a step: the same up to rounding.
+                for got_x, own in ((k, decoded.layers[i].keys), (v, decoded.layers[i].values)):
+                    assert (got_x - own).abs().max() <= 0.02 * own.abs().max(), (method, i)
+        client.delete(ctx)
+
+
+def test_auto_plans_for_the_passes_it_will_run(hcached, monkeypatch):
+    """A projection that costs a second a call: an exact restore of a decoded context would pay it per decode step
+    and layer, so auto reads K/V; a one-pass restore pays it once a layer, so auto projects."""
+    model = model_of("llama-mha", "fp32")
+    ctx = "plan-passes"
+    projected: list[int] = []  # tokens per projection call
+    call = Projector.__call__
+
+    def counted(self, layer, hidden, *args):
+        projected.append(hidden.shape[1])
+        return call(self, layer, hidden, *args)
+
+    monkeypatch.setattr(Projector, "__call__", counted)
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, ctx, store="both"):
+            seqs, _ = _generate(model, _prompt(15, 20), n=FIRST_ROUND_TOKENS)  # 8 passes
+        n = seqs.shape[1] - 1
+        geometry = geometry_of(model)
+        # A layer's K/V read takes 3 s, its hidden states 1.5 s; recompute takes 100 s.
+        profile = Profile(geometry, c_h=(0.0, 1.0), c_tok=(0.0, 0.0, 100.0),
+                          io=(3.0 / (n * geometry.token_bytes(Rep.KV)), 0.0), device="cpu", source="measured")
+        restore(model, client, ctx, profile=profile)
+        assert projected == []
+        restore(model, client, ctx, profile=profile, exact=False)
+        assert projected and set(projected) == {n}
+        client.delete(ctx)
 
 
 def test_capture_reports_its_passes_and_their_cost_on_the_forward_path(hcached):
