@@ -23,6 +23,9 @@ def plan(
                                                                  "(TFLOP/s), not from a measured profile")] = None,
     device: Annotated[str | None, typer.Option(help=f"one of {', '.join(DEVICES)}: whose measured profile, or "
                                                     "which default compute rate (default: cuda)")] = None,
+    passes: Annotated[int, typer.Option(min=1, help="forward passes that built the context: an exact restore "
+                                                   "projects and recomputes pass by pass, so each decode step is "
+                                                   "one (default: one prefill, or restore(exact=False))")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
     """Plan a restore: per layer recompute (RE), project hidden states (H) or read K/V (KV), fastest first."""
@@ -49,7 +52,7 @@ def plan(
         chosen = profile_for(geometry, device, intermediate_size=intermediate)
     if bandwidth is not None:
         chosen = dataclasses.replace(chosen, io=(1 / (bandwidth * 1e9), chosen.io[1]))
-    result = planner.plan(geometry, tokens, profile=chosen)
+    result = planner.plan(geometry, tokens, profile=chosen.for_passes(passes))
     # hcachectl's own --json comes before the command: honour it as well as this one
     if as_json or (ctx.parent is not None and ctx.parent.params.get("as_json")):
         typer.echo(json.dumps(result.to_dict(), indent=2))

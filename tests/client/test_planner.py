@@ -202,6 +202,13 @@ def test_cli_plans_from_a_config(tmp_path):
     assert bad.exit_code == 2 and "not this model's" in bad.output
     missing = runner.invoke(_cli(), ["plan", "--model", str(tmp_path / "nope"), "--tokens", "64"])
     assert missing.exit_code == 2 and "config.json" in missing.output
+    counts = {}
+    for passes in ("1", "500"):  # a context decoded token by token: exact restores pay per pass, reads do not
+        js = runner.invoke(_cli(), ["plan", "--json", "--model", str(tmp_path), "--tokens", "1024", "--bandwidth", "2",
+                                    "--passes", passes])
+        assert js.exit_code == 0, js.output
+        counts[passes] = [layer["method"] for layer in json.loads(js.output)["layers"]].count("KV")
+    assert counts["500"] > counts["1"]
 
 
 def test_planning_does_not_load_torch():
