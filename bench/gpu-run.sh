@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (Python 3.12 with CUDA torch, no network): install the wheels carried in .whl/
-# (fetched here by `make gpu-wheels`), run the CUDA tests, then bench/restore.py, and copy its results and both
-# logs to $OUT. A failing test does not keep the bench from running; the exit status says whether either failed.
-# From the device tool: command `bash bench/gpu-run.sh`, carry [".whl"], timeout about 570 s.
+# (fetched here by `make gpu-wheels`), run the CUDA tests, then bench/restore.py and bench/decoded.py, and copy their
+# results and logs to $OUT. A failing test does not keep the bench from running; the exit status says whether the
+# tests or bench/restore.py failed. From the device tool: command `bash bench/gpu-run.sh`, carry [".whl"], timeout
+# about 590 s.
 set -uo pipefail
 out="${OUT:-/tmp}"
 start=$(mktemp)  # results older than this are the committed ones, not this run's
@@ -16,5 +17,8 @@ tests=$?
 python3 bench/restore.py 2>&1 | tee "$out/gpu-bench.log"
 bench=$?
 find bench/results -name 'restore-nvidia*' -newer "$start" -exec cp {} "$out/" \;
+# What exactness costs decoded contexts: informational, bounded so that it cannot take the results above with it.
+timeout 150 python3 bench/decoded.py 2>&1 | tee "$out/gpu-decoded.log"
+find bench/results -name 'decoded-nvidia*' -newer "$start" -exec cp {} "$out/" \;
 echo "tests exit $tests, bench exit $bench"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
