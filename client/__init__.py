@@ -5,6 +5,7 @@ from typing import Any
 from hcache.client.errors import (
     BadRequest,
     Busy,
+    ContextChanged,
     CorruptChunk,
     DaemonUnreachable,
     HCacheError,
@@ -16,9 +17,9 @@ from hcache.client.errors import (
 )
 from hcache.layout.geometry import Geometry
 
-__all__ = ["AsyncHCacheClient", "BadRequest", "Busy", "ContextInfo", "CorruptChunk", "DaemonUnreachable",
-           "Geometry", "HCacheClient", "HCacheError", "LeaseError", "ModelMismatch", "OverCapacity",
-           "StorageIOError", "UnknownContext"]
+__all__ = ["AsyncHCacheClient", "BadRequest", "Busy", "ContextChanged", "ContextInfo", "CorruptChunk",
+           "DaemonUnreachable", "Geometry", "HCacheClient", "HCacheError", "LeaseError", "ModelMismatch",
+           "OverCapacity", "StorageIOError", "UnknownContext"]
 
 _LAZY = {"HCacheClient": "hcache.client.sync", "AsyncHCacheClient": "hcache.client.aio",
          "ContextInfo": "hcache.client.layout"}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from hcache.client.copies import as_array
-from hcache.client.errors import BadRequest
+from hcache.client.errors import BadRequest, DaemonRestarted
 from hcache.client.gpu import GpuCopier
 from hcache.client.layout import TORCH_DTYPES, ContextInfo, rep_of, stream_bytes
 from hcache.client.shm import ArenaMap
@@ -38,6 +38,7 @@ class AsyncHCacheClient:
         # Bytes one lease pins: small enough that the daemon writes (or reads) one piece while this
         # client copies the next, and leaves arena room for other clients.
         self._budget = min(hello["arena_size"] // (2 * _READS_IN_FLIGHT), _LEASE_BYTES)
+        self._remapping = asyncio.Lock()
         self._info: dict[str, ContextInfo] = {}
         self._gpus: dict[torch.device, GpuCopier] = {}
         if self._arena is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -79,6 +80,25 @@ class AsyncHCacheClient:
 
     async def _call(self, op: str, frames: list | None = None, **args: Any) -> tuple[dict, list]:
         return await self._t.call(op, frames, **args)
+
+    async def _leased(self, arena: ArenaMap | None, op: str, **args: Any) -> tuple[dict, list]:
+        """A call about arena space, naming the arena whose offsets its reply is applied to: a daemon started since
+        refuses it (DaemonRestarted) rather than lease space in an arena this client does not map."""
+        return await self._call(op, **({"arena": arena.path} if arena is not None else {}), **args)
+
+    async def _remap(self, stale: ArenaMap | None) -> None:
+        """After hcached restarted: hello again and map its arena (once, however many calls found out)."""
+        async with self._remapping:
+            if self._arena is not stale:
+                return
+            hello, _ = await self._call("hello", pid=os.getpid())
+            for copier in self._gpus.values():
+                copier.close()
+            self._gpus.clear()
+            self.daemon = hello
+            self._arena = ArenaMap(hello["arena"], hello["arena_size"])
+            self._budget = min(hello["arena_size"] // (2 * _READS_IN_FLIGHT), _LEASE_BYTES)
+            stale.close()  # views a caller still holds keep its pages
 
     # -- contexts ---------------------------------------------------------------------------------
     async def open(self, ctx: str, *, model: str, geometry: Geometry,
@@ -158,23 +178,36 @@ class AsyncHCacheClient:
         return chunks * CHUNK_TOKENS
 
     async def _append_piece(self, ctx: str, pieces: list[np.ndarray]) -> None:
+        """Append one piece where this client last saw the context end: after a restart of hcached, again in its
+        new arena, unless the context no longer ends there (ContextChanged)."""
         n = pieces[0].shape[0]
+        at = self._info[ctx].n_tokens
         if not self.local:
             frames = [memoryview(np.ascontiguousarray(p)).cast("B") for p in pieces]
-            reply, _ = await self._call("append", frames, ns=self.namespace, ctx=ctx, n=n, inline=True)
+            reply, _ = await self._call("append", frames, ns=self.namespace, ctx=ctx, n=n, at=at, inline=True)
         else:
-            lease, _ = await self._call("append", ns=self.namespace, ctx=ctx, n=n)
+            arena = self._arena
             try:
-                self._scatter(lease, pieces)
-            except BaseException:
-                await self._call("abort", lease=lease["lease"])
-                raise
-            reply, _ = await self._call("commit", lease=lease["lease"])
+                reply = await self._append_leased(arena, ctx, n, at, pieces)
+            except DaemonRestarted:
+                await self._remap(arena)
+                reply = await self._append_leased(self._arena, ctx, n, at, pieces)
         self._info[ctx] = dataclasses.replace(self._info[ctx], n_tokens=reply["n_tokens"])
 
-    def _scatter(self, lease: dict, pieces: list[np.ndarray]) -> None:
+    async def _append_leased(self, arena: ArenaMap, ctx: str, n: int, at: int, pieces: list[np.ndarray]) -> dict:
+        lease, _ = await self._leased(arena, "append", ns=self.namespace, ctx=ctx, n=n, at=at)
+        try:
+            self._scatter(arena, lease, pieces)
+        except BaseException:
+            await self._leased(arena, "abort", lease=lease["lease"])
+            raise
+        reply, _ = await self._leased(arena, "commit", lease=lease["lease"])
+        return reply
+
+    @staticmethod
+    def _scatter(arena_map: ArenaMap, lease: dict, pieces: list[np.ndarray]) -> None:
         """Copy each stream's tokens into its leased chunks: a memcpy per chunk, on this thread alone."""
-        arena, start, end = self._arena.array, lease["start"], lease["end"]
+        arena, start, end = arena_map.array, lease["start"], lease["end"]
         per_stream = len(chunk_range(start, end))
         for k, src in enumerate(pieces):
             flat = src.reshape(-1)  # a stream's tokens are contiguous
@@ -240,9 +273,19 @@ class AsyncHCacheClient:
     async def _read_into(self, ctx: str, streams: list[tuple[int, Rep]], start: int, end: int,
                          dst: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
         """Read in groups of layers that fit the lease budget; the next group's read is in flight while
-        this one is copied out (to a CUDA `dst`: once `after` has happened)."""
+        this one is copied out (to a CUDA `dst`: once `after` has happened). After a restart of hcached, all
+        of it again from its new arena."""
         if end <= start or not streams:
             return
+        arena = self._arena
+        try:
+            await self._read_leased(arena, ctx, streams, start, end, dst, after)
+        except DaemonRestarted:
+            await self._remap(arena)
+            await self._read_leased(self._arena, ctx, streams, start, end, dst, after)
+
+    async def _read_leased(self, arena: ArenaMap | None, ctx: str, streams: list[tuple[int, Rep]], start: int,
+                           end: int, dst: torch.Tensor, after: torch.cuda.Event | None) -> None:
         image = chunk_image_size(dst.shape[2])
         chunks_per_stream = max(1, self._budget // image)  # a window one stream's lease can hold
         window = max(CHUNK_TOKENS, (chunks_per_stream - 1) * CHUNK_TOKENS)
@@ -255,8 +298,8 @@ class AsyncHCacheClient:
 
         def request(item: tuple[int, int, int, int]) -> asyncio.Future:
             g0, g1, t0, t1 = item
-            return asyncio.ensure_future(self._call(
-                "read", ns=self.namespace, ctx=ctx, streams=[[layer, int(rep)] for layer, rep in streams[g0:g1]],
+            return asyncio.ensure_future(self._leased(
+                arena, "read", ns=self.namespace, ctx=ctx, streams=[[layer, int(rep)] for layer, rep in streams[g0:g1]],
                 start=t0, end=t1, inline=not self.local))
 
         inflight = collections.deque(request(item) for item in items[:_READS_IN_FLIGHT])
@@ -266,13 +309,15 @@ class AsyncHCacheClient:
                 if i + _READS_IN_FLIGHT < len(items):
                     inflight.append(request(items[i + _READS_IN_FLIGHT]))
                 part = dst[g0:g1, t0 - start : t1 - start]
-                if self.local and part.is_cuda:
-                    landed = self._copier(part.device).copy(self._pieces(reply["offsets"], t0, t1, part), after)
+                if arena is not None and part.is_cuda:
+                    landed = self._copier(part.device).copy(self._pieces(arena, reply["offsets"], t0, t1, part),
+                                                            after)
                     after = None  # later copies queue behind this one on the same stream
-                    releases.append(asyncio.ensure_future(self._release_when(landed, reply["lease"])))
-                elif self.local:
-                    self._gather(reply["offsets"], t0, t1, part)
-                    releases.append(asyncio.ensure_future(self._call("release", lease=reply["lease"])))
+                    releases.append(asyncio.ensure_future(self._release(arena, reply["lease"], landed)))
+                elif arena is not None:
+                    for dst_part, arena_part in self._pieces(arena, reply["offsets"], t0, t1, part):
+                        dst_part.copy_(arena_part)
+                    releases.append(asyncio.ensure_future(self._release(arena, reply["lease"])))
                 else:
                     for k, frame in enumerate(frames):
                         part[k].copy_(torch.frombuffer(frame.buffer, dtype=torch.uint8).view(t1 - t0, -1))
@@ -281,52 +326,55 @@ class AsyncHCacheClient:
                 fut.cancel()
             await asyncio.gather(*releases)
 
-    def _gather(self, offsets: list[int], start: int, end: int, dst: torch.Tensor) -> None:
-        for dst_part, arena_part in self._pieces(offsets, start, end, dst):
-            dst_part.copy_(arena_part)
-
-    def _pieces(self, offsets: list[int], start: int, end: int, dst: torch.Tensor
+    @staticmethod
+    def _pieces(arena: ArenaMap, offsets: list[int], start: int, end: int, dst: torch.Tensor
                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(part of dst, arena view of the same shape) pairs for tokens [start, end) of dst's streams."""
         per_stream = len(chunk_range(start, end))
         out = []
         for k in range(dst.shape[0]):
             chunk_offsets = offsets[k * per_stream : (k + 1) * per_stream]
-            for arena_part, t, n in self._runs(chunk_offsets, start, end, dst.shape[2]):
+            for arena_part, t, n in _runs(arena.bytes, chunk_offsets, start, end, dst.shape[2]):
                 out.append((dst[k, t : t + n].view(arena_part.shape), arena_part))
         return out
 
-    async def _release_when(self, landed: torch.cuda.Event, lease: int) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, landed.synchronize)
-        await self._call("release", lease=lease)
+    async def _release(self, arena: ArenaMap, lease: int, landed: torch.cuda.Event | None = None) -> None:
+        """Give a read lease back (once its copy to a GPU has landed); one of a daemon since restarted went with
+        it."""
+        if landed is not None:
+            await asyncio.get_running_loop().run_in_executor(None, landed.synchronize)
+        try:
+            await self._leased(arena, "release", lease=lease)
+        except DaemonRestarted:
+            pass
 
-    def _runs(self, chunk_offsets: list[int], start: int, end: int,
-              tb: int) -> list[tuple[torch.Tensor, int, int]]:
-        """Arena views for tokens [start, end) of one stream, as (view, first token, count): consecutive full
-        chunks that lie one image apart merge into one strided view, so one copy moves many chunks (a copy
-        per 64-token chunk spent most of its time starting and stopping OpenMP threads)."""
-        arena = self._arena.bytes
-        image = chunk_image_size(tb)
-        runs: list[list[int]] = []  # [arena offset, first token, tokens, chunks merged (0: a partial chunk)]
-        t = 0
-        for pos, first, count in segments(start, end):
-            off = chunk_offsets[pos] + first * tb
-            prev = runs[-1] if runs else None
-            if (count == CHUNK_TOKENS and prev is not None and prev[3]
-                    and prev[0] + prev[3] * image == off):
-                prev[2] += count
-                prev[3] += 1
-            else:
-                runs.append([off, t, count, 1 if count == CHUNK_TOKENS else 0])
-            t += count
-        views = []
-        for off, t, n, merged in runs:
-            if merged > 1:
-                view = arena.as_strided((merged, CHUNK_TOKENS, tb), (image, tb, 1), off)
-            else:
-                view = arena[off : off + n * tb].view(n, tb)
-            views.append((view, t, n))
-        return views
+
+def _runs(arena: torch.Tensor, chunk_offsets: list[int], start: int, end: int,
+          tb: int) -> list[tuple[torch.Tensor, int, int]]:
+    """Views of the arena's bytes for tokens [start, end) of one stream, as (view, first token, count): consecutive
+    full chunks that lie one image apart merge into one strided view, so one copy moves many chunks (a copy per
+    64-token chunk spent most of its time starting and stopping OpenMP threads)."""
+    image = chunk_image_size(tb)
+    runs: list[list[int]] = []  # [arena offset, first token, tokens, chunks merged (0: a partial chunk)]
+    t = 0
+    for pos, first, count in segments(start, end):
+        off = chunk_offsets[pos] + first * tb
+        prev = runs[-1] if runs else None
+        if (count == CHUNK_TOKENS and prev is not None and prev[3]
+                and prev[0] + prev[3] * image == off):
+            prev[2] += count
+            prev[3] += 1
+        else:
+            runs.append([off, t, count, 1 if count == CHUNK_TOKENS else 0])
+        t += count
+    views = []
+    for off, t, n, merged in runs:
+        if merged > 1:
+            view = arena.as_strided((merged, CHUNK_TOKENS, tb), (image, tb, 1), off)
+        else:
+            view = arena[off : off + n * tb].view(n, tb)
+        views.append((view, t, n))
+    return views
 
 
 def _encode_token_records(ids: torch.Tensor, passes: Sequence[int] | None) -> np.ndarray:

@@ -57,6 +57,18 @@ class DaemonInternalError(HCacheError):
     code = wire.INTERNAL
 
 
+class DaemonRestarted(HCacheError):
+    """hcached was restarted since this client mapped its arena; the client maps the new one and retries once."""
+
+    code = wire.RESTARTED
+
+
+class ContextChanged(HCacheError):
+    """An append did not continue from the context's length: another writer, or tokens lost with a restart."""
+
+    code = wire.CONFLICT
+
+
 class UnsupportedModel(HCacheError):
     """The model's architecture has no projection here: its layers' K/V cannot be rebuilt bit-exactly."""
 
@@ -64,7 +76,8 @@ class UnsupportedModel(HCacheError):
 
 
 _BY_CODE = {cls.code: cls for cls in (BadRequest, UnknownContext, ModelMismatch, LeaseError, Busy, OverCapacity,
-                                      CorruptChunk, StorageIOError, DaemonInternalError)}
+                                      CorruptChunk, StorageIOError, DaemonInternalError, DaemonRestarted,
+                                      ContextChanged)}
 
 
 def from_reply(reply: dict) -> HCacheError:

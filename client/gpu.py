@@ -41,7 +41,7 @@ class GpuCopier:
 
     def copy(self, pieces: list[tuple[torch.Tensor, torch.Tensor]], after: torch.cuda.Event | None
              ) -> torch.cuda.Event:
-        """Queue dst.copy_(src) for each (dst on the device, src a view of the host mapping) once `after` has
+        """Queue dst.copy_(src) for each (dst on the device, src a uint8 view of a host mapping) once `after` has
         happened; the returned event completes when all have landed. A strided src (chunks with their headers
         between them) crosses as one DMA of the bytes it spans, then is gathered on the device: one copy per
         chunk cost the restorer's thread more time than the copies took."""
@@ -53,9 +53,10 @@ class GpuCopier:
                     dst.copy_(src, non_blocking=True)
                     continue
                 span = 1 + sum((size - 1) * stride for size, stride in zip(src.shape, src.stride(), strict=True))
-                first = src.storage_offset()
                 staged = torch.empty(span, dtype=torch.uint8, device=self.device)
-                staged.copy_(self.host[first : first + span], non_blocking=True)
+                # The bytes src spans, of src's own mapping: a read leased before a restart of hcached copies
+                # from the arena it was leased in.
+                staged.copy_(src.as_strided((span,), (1,), src.storage_offset()), non_blocking=True)
                 dst.copy_(staged.as_strided(src.shape, src.stride()))
             return self.stream.record_event()
 

@@ -10,6 +10,7 @@ class ArenaMap:
     """Maps the arena file the daemon named in its hello reply."""
 
     def __init__(self, path: str, size: int) -> None:
+        self.path = path  # names this daemon's arena in lease requests
         fd = os.open(path, os.O_RDWR)
         try:
             # Page tables are per process: without MAP_POPULATE every 4 KiB of the first save or

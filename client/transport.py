@@ -8,6 +8,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from hcache.client.errors import DaemonUnreachable, HCacheError, from_reply, no_daemon_at
 from hcache.layout import wire
@@ -22,15 +23,20 @@ class _Resources:
 
     zctx: zmq.asyncio.Context
     sock: zmq.asyncio.Socket
+    monitor: zmq.asyncio.Socket
     reader: asyncio.Task | None = None
+    watcher: asyncio.Task | None = None
     pending: dict[int, asyncio.Future] = field(default_factory=dict)
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
+        for task in (self.reader, self.watcher):
+            if task is not None:
+                task.cancel()
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(HCacheError("the client was closed while this call was waiting"))
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close(linger=0)
         self.zctx.term()
 
@@ -48,11 +54,13 @@ class Transport:
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.RCVHWM, _HWM)
         sock.setsockopt(zmq.LINGER, 0)
-        self._res = _Resources(zctx, sock)
+        self._res = _Resources(zctx, sock, sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         self._finalizer = weakref.finalize(self, self._res.close)
         self._ids = itertools.count(1)
         sock.connect(endpoint)
-        self._res.reader = asyncio.get_running_loop().create_task(_read_replies(self._res))
+        loop = asyncio.get_running_loop()
+        self._res.reader = loop.create_task(_read_replies(self._res))
+        self._res.watcher = loop.create_task(_fail_calls_on_disconnect(self._res, endpoint))
 
     def unreachable(self, what: str, timeout: float) -> DaemonUnreachable:
         return no_daemon_at(self.endpoint, f"did not answer {what} within {timeout:g}s")
@@ -90,3 +98,15 @@ async def _read_replies(res: _Resources) -> None:
         fut = res.pending.get(reply.get("id"))
         if fut is not None and not fut.done():
             fut.set_result((reply, frames[1:]))
+
+
+async def _fail_calls_on_disconnect(res: _Resources, endpoint: str) -> None:
+    """When the connection to hcached drops (it exited, or the network did), the calls waiting for a reply get
+    none: fail them now rather than at their timeout. ZeroMQ reconnects by itself for the calls after."""
+    while True:
+        parse_monitor_message(await res.monitor.recv_multipart())  # only disconnects are monitored
+        for fut in list(res.pending.values()):
+            if not fut.done():
+                fut.set_exception(DaemonUnreachable(
+                    f"hcached at {endpoint} went away while this call waited for its reply: whether it took effect "
+                    "is unknown (stat the context); calls after it reach hcached again once it is back"))

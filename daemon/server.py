@@ -22,7 +22,7 @@ from hcache.layout import wire
 from hcache.layout.chunks import chunk_range, payload_runs
 from hcache.layout.geometry import Geometry
 from hcache.layout.paths import endpoint_for
-from hcache.layout.wire import BAD_REQUEST, BUSY, INTERNAL, WireError, get, get_count
+from hcache.layout.wire import BAD_REQUEST, BUSY, CONFLICT, INTERNAL, RESTARTED, WireError, get, get_count
 
 log = logging.getLogger("hcache.daemon.server")
 
@@ -99,6 +99,7 @@ class Server:
             handler = self._ops.get(op)
             if handler is None:
                 raise WireError(BAD_REQUEST, f"unknown op {op!r}: use one of {sorted(wire.OPS)}")
+            self._check_arena(header)
             reply, payload = await handler(peer, header, [f.buffer for f in body[1:]])
             reply["ok"] = True
         except WireError as e:
@@ -113,6 +114,14 @@ class Server:
         except zmq.ZMQError as e:
             log.info("could not reply to a client (%s): it went away", e)
             self._peer_gone(peer)
+
+    def _check_arena(self, h: dict) -> None:
+        """A lease is only good in the arena it was asked for: a client still mapping an earlier daemon's would
+        write where this daemon never reads and read what it never wrote."""
+        arena = get(h, "arena", str, None)
+        if arena is not None and arena != str(self.store.arena.path):
+            raise WireError(RESTARTED, f"the client maps the arena of an earlier hcached ({arena}), this one's is "
+                                       f"{self.store.arena.path}: hello again and map it (the client does so itself)")
 
     # -- ops --------------------------------------------------------------------------------------
     def _ctx(self, h: dict) -> Context:
@@ -139,6 +148,12 @@ class Server:
     async def op_append(self, peer: bytes, h: dict, frames: list) -> Reply:
         ctx = self._ctx(h)
         n = get_count(h, "n")
+        at = get(h, "at", int, None)
+        if at is not None and at != ctx.n_tokens:
+            raise WireError(CONFLICT, f"context {ctx.ctx_id!r} holds {ctx.n_tokens} tokens, the append continues "
+                                      f"from {at}: another client appended, or hcached restarted and lost tokens "
+                                      f"that were not yet durable ({ctx.durable} are); stat the context and append "
+                                      "from its length")
         inline = get(h, "inline", bool, False)
         if inline:
             sizes = [s.token_bytes * n for s in ctx.streams]

@@ -3,6 +3,11 @@
 A request is [header, *payload frames]; the header is a map with "v" (protocol version), "op", "id"
 (the caller's call id) and the op's arguments. A reply is [header, *payload frames] with "id", "ok",
 and either the op's results or "error" (a code below) and "message" (what to do about it).
+
+Requests that lease arena space (append and read without inline, commit, abort, release) may name the arena the
+client mapped ("arena": the path hello gave it); a daemon with another arena, one started since, refuses them with
+RESTARTED, before they take effect. An append may name the length it continues from ("at"); a context of another
+length refuses it with CONFLICT.
 """
 
 from typing import Any
@@ -26,6 +31,8 @@ OVER_CAPACITY = "over_capacity"
 CORRUPT = "corrupt"
 IO_ERROR = "io_error"
 INTERNAL = "internal"
+RESTARTED = "restarted"
+CONFLICT = "conflict"
 
 
 class WireError(Exception):
