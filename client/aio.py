@@ -98,7 +98,8 @@ class AsyncHCacheClient:
             self.daemon = hello
             self._arena = ArenaMap(hello["arena"], hello["arena_size"])
             self._budget = min(hello["arena_size"] // (2 * _READS_IN_FLIGHT), _LEASE_BYTES)
-            stale.close()  # views a caller still holds keep its pages
+            # Not closed: a read leased from the old daemon may still copy from it; the mapping goes with its last
+            # reference.
 
     # -- contexts ---------------------------------------------------------------------------------
     async def open(self, ctx: str, *, model: str, geometry: Geometry,
