@@ -57,7 +57,7 @@ class AsyncHCacheClient:
     async def connect(cls, socket: str | None = None, *, namespace: str = "default",
                       timeout: float = 120.0, connect_timeout: float = 5.0) -> AsyncHCacheClient:
         """Connect to hcached at `socket` (a path or tcp:// URL), else $HCACHE_SOCKET, else the default."""
-        transport = Transport(client_endpoint(socket), timeout)
+        transport = Transport(client_endpoint(socket), timeout, connect_timeout)
         try:
             hello, _ = await transport.call("hello", timeout=connect_timeout, pid=os.getpid())
             return cls(transport, hello, namespace)

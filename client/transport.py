@@ -27,6 +27,7 @@ class _Resources:
     reader: asyncio.Task | None = None
     watcher: asyncio.Task | None = None
     pending: dict[int, asyncio.Future] = field(default_factory=dict)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
 
     def close(self) -> None:
         for task in (self.reader, self.watcher):
@@ -44,30 +45,38 @@ class _Resources:
 class Transport:
     """Sends requests and awaits their replies; several calls may be in flight at once."""
 
-    def __init__(self, endpoint: str, timeout: float) -> None:
+    def __init__(self, endpoint: str, timeout: float, connect_timeout: float) -> None:
         if missing_ipc_socket(endpoint):
             raise no_daemon_at(endpoint, "has no socket")
         self.endpoint = endpoint
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         zctx = zmq.asyncio.Context()
         sock = zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.RCVHWM, _HWM)
         sock.setsockopt(zmq.LINGER, 0)
-        self._res = _Resources(zctx, sock, sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+        self._res = _Resources(zctx, sock, sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED))
         self._finalizer = weakref.finalize(self, self._res.close)
         self._ids = itertools.count(1)
         sock.connect(endpoint)
         loop = asyncio.get_running_loop()
         self._res.reader = loop.create_task(_read_replies(self._res))
-        self._res.watcher = loop.create_task(_fail_calls_on_disconnect(self._res, endpoint))
+        self._res.watcher = loop.create_task(_watch_connection(self._res, endpoint))
 
     def unreachable(self, what: str, timeout: float) -> DaemonUnreachable:
         return no_daemon_at(self.endpoint, f"did not answer {what} within {timeout:g}s")
 
     async def call(self, op: str, frames: list[Any] | None = None, timeout: float | None = None,
                    **args: Any) -> tuple[dict, list[zmq.Frame]]:
-        """Send one request; returns the reply header and its payload frames, or raises its error."""
+        """Send one request; returns the reply header and its payload frames, or raises its error. With no
+        connection to hcached (it is down), waits connect_timeout for one, not the call's whole timeout."""
+        if not self._res.connected.is_set():
+            try:
+                await asyncio.wait_for(self._res.connected.wait(), self.connect_timeout)
+            except TimeoutError:
+                raise no_daemon_at(self.endpoint, f"is not reachable (no connection within "
+                                                  f"{self.connect_timeout:g}s)") from None
         call_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._res.pending[call_id] = fut
@@ -100,11 +109,15 @@ async def _read_replies(res: _Resources) -> None:
             fut.set_result((reply, frames[1:]))
 
 
-async def _fail_calls_on_disconnect(res: _Resources, endpoint: str) -> None:
-    """When the connection to hcached drops (it exited, or the network did), the calls waiting for a reply get
-    none: fail them now rather than at their timeout. ZeroMQ reconnects by itself for the calls after."""
+async def _watch_connection(res: _Resources, endpoint: str) -> None:
+    """Track whether ZeroMQ holds a connection to hcached (it reconnects by itself). When it drops (hcached exited,
+    or the network did), the calls waiting for a reply get none: fail them now rather than at their timeout."""
     while True:
-        parse_monitor_message(await res.monitor.recv_multipart())  # only disconnects are monitored
+        event = parse_monitor_message(await res.monitor.recv_multipart())["event"]
+        if event == zmq.EVENT_CONNECTED:
+            res.connected.set()
+            continue
+        res.connected.clear()
         for fut in list(res.pending.values()):
             if not fut.done():
                 fut.set_exception(DaemonUnreachable(

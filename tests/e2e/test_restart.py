@@ -97,3 +97,15 @@ def test_a_call_waiting_when_hcached_dies_fails_at_once_and_the_next_one_reaches
         assert time.monotonic() - start < 30  # not the call's 300 s timeout
         d.start()
         assert c.stat("chat").n_tokens == 2048
+
+
+def test_calls_while_hcached_is_down_fail_within_the_connect_timeout(daemon):
+    with HCacheClient(daemon.socket, timeout=300, connect_timeout=2) as c:
+        c.status()
+        assert daemon.stop() == 0  # and it stays down
+        start = time.monotonic()
+        with pytest.raises(DaemonUnreachable, match="not reachable"):
+            c.status()
+        assert time.monotonic() - start < 30  # not the call's 300 s timeout
+        daemon.start()
+        assert c.status()["leases"] == 0  # reconnected by itself
