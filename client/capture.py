@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import StaticLayer
 
 from hcache.client.copies import cat_into
-from hcache.client.errors import BadRequest
+from hcache.client.errors import BadRequest, HCacheError
 from hcache.client.layout import ContextInfo
 from hcache.client.staging import StagingPool
 from hcache.client.sync import HCacheClient
@@ -278,6 +278,7 @@ class _Capture:
         self._ids: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._handles: list = []
+        self._failed: HCacheError | None = None  # talking to hcached in a forward pass: raised at the block's end
 
     def __enter__(self) -> _Capture:
         self.sender.start()
@@ -302,8 +303,8 @@ class _Capture:
         for h in self._handles:
             h.remove()
         self.sender.close()
-        if self.sender.error is not None:
-            raise self.sender.error
+        if self.sender.error is not None or self._failed is not None:
+            raise self.sender.error or self._failed
         if exc[0] is None:
             for ctx in self.stored:
                 self.client.flush(ctx)
@@ -341,10 +342,11 @@ class _Capture:
             self._pass(output)
 
     def _pass(self, output: object) -> None:
-        """Queue this forward's pass: its ids, mask, and the stacks of what its rows' contexts store."""
+        """Queue this forward's pass: its ids, mask, and the stacks of what its rows' contexts store. After a
+        failure to open a context, nothing more: the block ends with its error, not the model's forward."""
         ids, hidden = self._ids, self._hidden
         self._hidden = [None] * len(self.layers)
-        if ids is None or any(h is None for h in hidden):
+        if ids is None or any(h is None for h in hidden) or self._failed is not None:
             return
         b, t = ids.shape
         if b != len(self.ctxs):
@@ -359,7 +361,11 @@ class _Capture:
         kv_stacked: dict[tuple[int, ...], Key | None] = {}  # per layer set: K/V of every row in one stack
         rows, nbytes = [], 0
         for row, ctx in enumerate(self.ctxs):
-            stored = self.stored.get(ctx) or self._open(ctx, t)
+            try:
+                stored = self.stored.get(ctx) or self._open(ctx, t)
+            except HCacheError as e:  # hcached down, a context of another model...: the generation goes on
+                self._failed = e
+                return
             select: dict[str, Key] = {}
             if layers := stored.hidden:
                 key = ("hidden", layers)

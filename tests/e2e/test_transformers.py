@@ -203,6 +203,26 @@ def test_capture_sends_held_back_passes_once_they_are_worth_an_append(hcached, m
         client.delete("early")
 
 
+@pytest.mark.parametrize("failure", ["hcached down", "another model's context"])
+def test_capture_that_cannot_save_lets_the_generation_finish_and_fails_at_the_block_end(daemon_factory, failure):
+    from hcache.client import DaemonUnreachable, ModelMismatch
+
+    model = model_of("llama-gqa", "fp32")
+    ids = _prompt(16, 10)
+    want, _ = _generate(model, ids, n=6)
+    d = daemon_factory()
+    with HCacheClient(d.socket, connect_timeout=1) as client:
+        if failure == "hcached down":
+            d.stop()
+        else:
+            with capture(model_of("llama-mha", "fp32"), client, "taken"):
+                _generate(model_of("llama-mha", "fp32"), ids, n=2)
+        error = DaemonUnreachable if failure == "hcached down" else ModelMismatch
+        with pytest.raises(error), capture(model, client, "taken"):
+            got, _ = _generate(model, ids, n=6)
+        assert torch.equal(got, want)  # the model's own work is not lost to hcache's
+
+
 @pytest.mark.parametrize("how", ["generate", "forward"])
 def test_capture_refuses_a_static_cache_before_storing_anything(hcached, how):
     from transformers import StaticCache
