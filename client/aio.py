@@ -148,7 +148,8 @@ class AsyncHCacheClient:
         [hidden layers, T, hidden_size], data["kv"] is [kv layers, T, 2, n_kv_heads, head_dim], in the
         context's dtype and layer order. `passes`: the token counts of the model's forward passes that
         produced them (default: one pass), so restores can redo the arithmetic in the same pieces.
-        Returns the context's length. Not durable until flush()."""
+        Continues from where this client last saw the context end (open, stat or its own appends): ContextChanged
+        if it ends elsewhere now. Returns the context's length. Not durable until flush()."""
         info = await self._known(ctx)
         ids = torch.as_tensor(token_ids).reshape(-1)
         n = ids.numel()
