@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from hcache.client.copies import as_array
-from hcache.client.errors import BadRequest, DaemonRestarted
+from hcache.client.errors import BadRequest, ContextChanged, DaemonRestarted
 from hcache.client.gpu import GpuCopier
 from hcache.client.layout import TORCH_DTYPES, ContextInfo, rep_of, stream_bytes
 from hcache.client.shm import ArenaMap
@@ -137,9 +137,16 @@ class AsyncHCacheClient:
 
     async def flush(self, ctx: str | None = None, *, drop: bool = False) -> None:
         """Return once everything appended (to `ctx`, or to every context) is durable on disk; `drop` also frees
-        the daemon's memory of it (chunks not leased), so that the next restores read the disk."""
+        the daemon's memory of it (chunks not leased), so that the next restores read the disk. ContextChanged if
+        `ctx` ends short of where this client saw it end: hcached restarted and lost what was not yet durable."""
         args = {"ns": self.namespace, "ctx": ctx} if ctx is not None else {}
-        await self._call("flush", drop=drop, **args)
+        reply, _ = await self._call("flush", drop=drop, **args)
+        seen = self._info[ctx].n_tokens if ctx in self._info else 0
+        durable = reply["durable"].get(f"{self.namespace}/{ctx}", seen)
+        if durable < seen:
+            raise ContextChanged(f"context {ctx!r} holds {durable} durable tokens, this client saw it hold "
+                                 f"{seen}: hcached restarted and lost the rest, which was not yet durable; "
+                                 "restore what it holds and append from its length")
 
     # -- saving -----------------------------------------------------------------------------------
     async def append(self, ctx: str, token_ids: Sequence[int] | torch.Tensor,

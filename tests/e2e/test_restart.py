@@ -47,6 +47,8 @@ def test_an_append_after_tokens_were_lost_is_refused_and_stores_nothing(daemon):
         c.flush("chat")
         c.append("chat", *exp.round(30, gen))  # committed, not durable: gone with a kill -9
         _restart(daemon, "sigkill")
+        with pytest.raises(ContextChanged, match="holds 100 durable tokens, this client saw it hold 130"):
+            c.flush("chat")  # "durable" would be a lie
         lost = exp.round(50, gen)
         with pytest.raises(ContextChanged, match="holds 100 tokens, the append continues from 130"):
             c.append("chat", *lost)
