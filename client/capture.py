@@ -48,6 +48,13 @@ def _token_dim(key: Key) -> int:
     return 2 if isinstance(key, tuple) and len(key) == 2 else 1
 
 
+def _captured_token_dim(key: Key) -> int:
+    """The axis of a pass's tensor as captured (see _rows_major) that holds the tokens."""
+    if isinstance(key, str) or len(key) == 3:
+        return 1
+    return 2 if key[0] == "hidden" else 3
+
+
 def _row_data(host: dict[Key, torch.Tensor], key: Key, row: int) -> torch.Tensor:
     """One row's [layers, t, ...] out of the rows-major tensors of its passes: a view."""
     return host[key] if len(key) == 3 else host[key][:, row]  # a row's own K/V, or its row of the stack
@@ -77,6 +84,15 @@ class _Pass:
         self.ready = torch.cuda.current_stream(first.device).record_event() if first.is_cuda else None
         self.tokens = first.shape[1]  # ids come first
 
+    def keep_first(self, kept: int) -> None:
+        """Keep only the pass's first `kept` tokens (copied: a view's other bytes would cross to the host too)."""
+        for key, x in self.tensors.items():
+            self.tensors[key] = x.narrow(_captured_token_dim(key), 0, kept).contiguous()
+        if self.ready is not None:  # the copies above come after the event the sender waits for
+            self.ready = torch.cuda.current_stream(self.tensors["ids"].device).record_event()
+        self.nbytes = self.nbytes * kept // self.tokens
+        self.tokens = kept
+
     def joins(self, other: _Pass) -> bool:
         """Whether `other` holds the same tensors but for its tokens, so the two can be picked from as one: the
         batch, its contexts and what they store are the block's, so the same keys mean the same shapes."""
@@ -105,6 +121,17 @@ class _Piece:
     ids: torch.Tensor
     data: dict[str, torch.Tensor]
     passes: list[int]
+
+
+@dataclass
+class _Held:
+    """The latest pass, kept from the sender until the model's cache shows how many of its tokens it keeps:
+    assisted and prompt-lookup decoding verify candidate tokens in one pass, then crop the cache to those
+    accepted."""
+
+    pass_: _Pass
+    cache: object  # the model's cache after the pass; None without one
+    past: int  # its length before the pass
 
 
 @dataclass
@@ -279,6 +306,8 @@ class _Capture:
         self._mask: torch.Tensor | None = None
         self._handles: list = []
         self._failed: HCacheError | None = None  # talking to hcached in a forward pass: raised at the block's end
+        self._past = 0  # the length of the model's cache before the current pass
+        self._held: _Held | None = None
 
     def __enter__(self) -> _Capture:
         self.sender.start()
@@ -302,6 +331,7 @@ class _Capture:
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
+        self._settle()
         self.sender.close()
         if self.sender.error is not None or self._failed is not None:
             raise self.sender.error or self._failed
@@ -319,13 +349,33 @@ class _Capture:
             raise BadRequest(f"capture needs the attention mask as [batch, tokens] of 0 and 1, got {shape}: a static "
                              "cache (cache_implementation='static') passes a prepared mask; generate with the default "
                              "dynamic cache, or pass the 2D mask")
-        layers = getattr(kwargs.get("cache", kwargs.get("past_key_values")), "layers", None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        layers = getattr(cache, "layers", None)
         if layers and isinstance(layers[0], StaticLayer):  # a cache's layers are all static or none: one look a pass
             raise BadRequest(f"capture reads each step's K/V from a dynamic cache, the model got static cache layers "
                              f"({type(layers[0]).__name__}): generate without cache_implementation='static', or pass a "
                              "DynamicCache")
+        self._settle()
+        self._past = cache.get_seq_length() if cache is not None else 0
         self._ids = ids
         self._mask = mask
+
+    def _settle(self) -> None:
+        """Hand the held pass to the sender, without the tokens the model's cache has dropped since (a cache's
+        length reads no device memory)."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        p = held.pass_
+        kept = p.tokens if held.cache is None else max(0, held.cache.get_seq_length() - held.past)
+        if kept < p.tokens:
+            mask = p.tensors.get("mask")
+            self._kept -= mask[:, kept:].sum(1) if mask is not None else p.tokens - kept
+            if kept == 0:
+                _STAGING.give(p.staged)
+                return
+            p.keep_first(kept)
+        self.sender.put(p)
 
     def _layer_hook(self, i: int):  # noqa: ANN202 - a forward pre-hook
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -350,7 +400,8 @@ class _Capture:
             return
         b, t = ids.shape
         if b != len(self.ctxs):
-            raise BadRequest(f"capture got {len(self.ctxs)} context ids for a batch of {b} rows: give one id per row")
+            raise BadRequest(f"capture got {len(self.ctxs)} context ids for a batch of {b} rows: give one id per row "
+                             "(beam search, which runs and reorders several rows per sequence, cannot be captured)")
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         # Nothing here waits for the device (a read of ids or mask would stall a GPU's queue every step): ids and
         # masks travel with the pass, and rows are picked on the host by the sender.
@@ -380,7 +431,7 @@ class _Capture:
             rows.append(_Row(ctx, row, select))
             nbytes += t * stored.token_bytes
         self._kept += tensors["mask"].sum(1) if "mask" in tensors else t
-        self.sender.put(_Pass(tensors, rows, nbytes, staged))
+        self._held = _Held(_Pass(tensors, rows, nbytes, staged), cache, self._past)
         self.stats.passes += 1
 
     @staticmethod

@@ -193,14 +193,41 @@ def test_capture_sends_held_back_passes_once_they_are_worth_an_append(hcached, m
     monkeypatch.setattr(capture_module, "_BATCH_BYTES", 1)  # every pass is worth an append
     with HCacheClient(hcached.socket) as client:
         with capture(model, client, "early", store="hidden") as stats, torch.no_grad():
-            model(ids)
+            cache = model(ids, use_cache=True).cache
+            # The next pass hands the prompt's to the sender: a pass waits until the cache shows the tokens it keeps.
+            model(ids[:, -1:], cache=cache, use_cache=True)
             deadline = time.monotonic() + 10
             while client.stat("early").n_tokens < ids.shape[1]:  # sent while the block is still open
                 assert time.monotonic() < deadline, "the prompt's pass was never sent"
                 time.sleep(0.01)
-            assert stats.passes == 1
-        assert client.stat("early").n_tokens == ids.shape[1]
+            assert stats.passes == 2
+        assert client.stat("early").n_tokens == ids.shape[1] + 1
         client.delete("early")
+
+
+def test_capture_keeps_only_the_tokens_assisted_decoding_accepts(hcached):
+    """Prompt-lookup decoding verifies candidate tokens in a pass, then crops the cache to those accepted: the
+    context holds the sequence the model kept, not the candidates it dropped."""
+    model = model_of("llama-gqa", "fp32")
+    ids = torch.tensor([[5, 6, 7, 8] * 4])  # repeats: the lookup proposes candidates from them
+    processed = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: processed.append(kwargs["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    with HCacheClient(hcached.socket) as client:
+        try:
+            with capture(model, client, "lookup", store="kv"):
+                out = model.generate(ids, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=3,
+                                     attention_mask=torch.ones_like(ids), pad_token_id=0, return_dict_in_generate=True)
+        finally:
+            handle.remove()
+        n = out.sequences.shape[1] - 1
+        assert sum(processed) > n  # candidates were dropped
+        cache, stored = restore(model, client, "lookup", method="kv")
+        assert torch.equal(stored, out.sequences[:, :n])
+        for i in range(len(decoder_layers(model))):
+            assert torch.equal(cache.layers[i].keys, out.cache.layers[i].keys[:, :, :n])
+            assert torch.equal(cache.layers[i].values, out.cache.layers[i].values[:, :, :n])
+        client.delete("lookup")
 
 
 @pytest.mark.parametrize("failure", ["hcached down", "another model's context"])
