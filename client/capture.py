@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import Cache, StaticLayer
 
 from hcache.client.copies import cat_into
 from hcache.client.errors import BadRequest, HCacheError
@@ -350,6 +350,9 @@ class _Capture:
                              "cache (cache_implementation='static') passes a prepared mask; generate with the default "
                              "dynamic cache, or pass the 2D mask")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and not isinstance(cache, Cache):
+            raise BadRequest(f"capture follows the model's transformers Cache, the model got a "
+                             f"{type(cache).__name__}: generate with the default DynamicCache")
         layers = getattr(cache, "layers", None)
         if layers and isinstance(layers[0], StaticLayer):  # a cache's layers are all static or none: one look a pass
             raise BadRequest(f"capture reads each step's K/V from a dynamic cache, the model got static cache layers "
