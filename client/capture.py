@@ -30,6 +30,9 @@ _BATCH_BYTES = 32 << 20
 _MAX_DELAY_S = 15.0
 # Host memory for a held-back batch's passes on a CPU and for the passes joined, each twice while the model goes on.
 _STAGING = StagingPool(keep_bytes=4 * _BATCH_BYTES)
+_NO_CACHE = ("capture saves each token once, as the model's cache keeps it; a forward pass that keeps no cache "
+             "(use_cache=False) makes the next one process the same tokens again: call the model, or generate, with "
+             "use_cache=True")
 Key = str | tuple  # of a pass's tensors: "ids", "mask", ("hidden", layers), ("kv", layers), ("kv", layers, row)
 
 
@@ -349,6 +352,8 @@ class _Capture:
             raise BadRequest(f"capture needs the attention mask as [batch, tokens] of 0 and 1, got {shape}: a static "
                              "cache (cache_implementation='static') passes a prepared mask; generate with the default "
                              "dynamic cache, or pass the 2D mask")
+        if kwargs.get("use_cache") is False:
+            raise BadRequest(_NO_CACHE)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and not isinstance(cache, Cache):
             raise BadRequest(f"capture follows the model's transformers Cache, the model got a "
@@ -406,6 +411,8 @@ class _Capture:
             raise BadRequest(f"capture got {len(self.ctxs)} context ids for a batch of {b} rows: give one id per row "
                              "(beam search, which runs and reorders several rows per sequence, cannot be captured)")
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        if cache is None:
+            raise BadRequest(_NO_CACHE)
         # Nothing here waits for the device (a read of ids or mask would stall a GPU's queue every step): ids and
         # masks travel with the pass, and rows are picked on the host by the sender.
         tensors: dict[Key, torch.Tensor] = {"ids": ids.clone()}

@@ -250,21 +250,25 @@ def test_capture_that_cannot_save_lets_the_generation_finish_and_fails_at_the_bl
         assert torch.equal(got, want)  # the model's own work is not lost to hcache's
 
 
-@pytest.mark.parametrize("how", ["generate", "forward", "not a Cache"])
+@pytest.mark.parametrize("how", ["generate", "forward", "not a Cache", "use_cache=False"])
 def test_capture_refuses_a_cache_it_cannot_follow_before_storing_anything(hcached, how):
     from transformers import StaticCache
 
     model = model_of("llama-gqa", "fp32")
     ids = _prompt(13, 6)
     with HCacheClient(hcached.socket) as client:
-        with pytest.raises(BadRequest, match="(?i)dynamic ?cache"), capture(model, client, f"static-{how}"):
+        with pytest.raises(BadRequest, match="(?i)dynamic ?cache|use_cache=True"), \
+                capture(model, client, f"static-{how}"):
             if how == "generate":  # a prepared 4D mask, and a StaticCache
                 model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static", pad_token_id=0,
                                attention_mask=torch.ones_like(ids))
             elif how == "forward":
                 model(ids, cache=StaticCache(model.config, max_cache_len=16), use_cache=True)
-            else:  # the tuples of transformers 4's legacy cache
+            elif how == "not a Cache":  # the tuples of transformers 4's legacy cache
                 model(ids, cache=((torch.zeros(1), torch.zeros(1)),), use_cache=True)
+            else:  # every step would recompute, and capture save, the whole sequence again
+                model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False, pad_token_id=0,
+                               attention_mask=torch.ones_like(ids))
         with pytest.raises(UnknownContext):
             client.stat(f"static-{how}")
 
