@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from hcache.client.aio import AsyncHCacheClient
+from hcache.client.errors import HCacheError
 from hcache.client.layout import ContextInfo
 from hcache.layout.geometry import Geometry
 
@@ -22,6 +24,7 @@ class HCacheClient:
 
     def __init__(self, socket: str | None = None, *, namespace: str = "default", timeout: float = 120.0,
                  connect_timeout: float = 5.0) -> None:
+        self._pid = os.getpid()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="hcache-client", daemon=True)
         self._thread.start()
@@ -33,7 +36,14 @@ class HCacheClient:
             raise
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._submit(coro).result()
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if os.getpid() != self._pid:  # the loop's thread and ZeroMQ's stayed in the parent: a call would hang
+            coro.close()
+            raise HCacheError(f"this HCacheClient was made in process {self._pid}, before a fork: make one in each "
+                              "process that uses hcached")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -45,7 +55,7 @@ class HCacheClient:
         return self._aio.daemon
 
     def close(self) -> None:
-        if self._loop.is_closed():
+        if self._loop.is_closed() or os.getpid() != self._pid:  # after a fork, the parent's to close
             return
         self._run(self._aio.close())
         self._stop_loop()
@@ -79,8 +89,7 @@ class HCacheClient:
         compute on earlier layers while later ones are still being read. A CUDA `out` is written once the
         work queued so far on this thread's current stream is done."""
         after = torch.cuda.current_stream(out.device).record_event() if out is not None and out.is_cuda else None
-        return asyncio.run_coroutine_threadsafe(
-            self._aio.restore(ctx, rep, layers, start, end, out, device=device, after=after), self._loop)
+        return self._submit(self._aio.restore(ctx, rep, layers, start, end, out, device=device, after=after))
 
     def tokens(self, ctx: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         return self._run(self._aio.tokens(ctx, start, end))

@@ -1,12 +1,13 @@
 """A serving process outlives hcached: its client goes on in the new daemon's arena, and an append that would land
 at the wrong place (tokens lost with a restart, or another writer) is refused, never stored."""
 
+import os
 import time
 
 import pytest
 import torch
 
-from hcache.client import ContextChanged, DaemonUnreachable, HCacheClient
+from hcache.client import ContextChanged, DaemonUnreachable, HCacheClient, HCacheError
 from hcache.layout import wire
 from tests.e2e.data import GQA, MHA, Expected, assert_restores, geometry
 from tests.e2e.test_tcp import free_port
@@ -111,3 +112,26 @@ def test_calls_while_hcached_is_down_fail_within_the_connect_timeout(daemon):
         assert time.monotonic() - start < 30  # not the call's 300 s timeout
         daemon.start()
         assert c.status()["leases"] == 0  # reconnected by itself
+
+
+def test_a_client_used_after_a_fork_says_so_instead_of_hanging(daemon):
+    with HCacheClient(daemon.socket) as c:
+        c.status()
+        pid = os.fork()
+        if pid == 0:  # the child: the client's loop thread stayed in the parent
+            try:
+                c.status()
+                code = 1
+            except HCacheError as e:
+                code = 0 if "before a fork" in str(e) else 2
+            except BaseException:
+                code = 3
+            os._exit(code)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                pytest.fail("the forked child's call hung")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert c.status()["leases"] == 0  # the parent's client goes on
