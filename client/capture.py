@@ -322,7 +322,13 @@ class _Capture:
         return self
 
     def _timed(self, hook: Callable) -> Callable:
+        owner = threading.get_ident()
+
+        # The block captures the forward passes of the thread that opened it: a server's other threads may run the
+        # same model at the same time, for other conversations (in blocks of their own, or none).
         def timed(*args: object) -> None:
+            if threading.get_ident() != owner:
+                return
             start = time.perf_counter()
             try:
                 hook(*args)

@@ -283,3 +283,40 @@ def test_capture_refuses_a_model_split_over_devices_before_storing_anything(hcac
             pass
         with pytest.raises(UnknownContext):
             client.stat("split")
+
+
+def test_capture_blocks_in_two_threads_on_one_model_each_save_their_own_conversation(hcached):
+    import threading
+
+    model = model_of("llama-mha", "fp32")
+    prompts = {"thread-a": _prompt(17, 9), "thread-b": _prompt(18, 14)}
+    want = {ctx: _generate(model, ids, n=12) for ctx, ids in prompts.items()}
+    # Each forward pass yields the interpreter, so the two generations interleave pass by pass.
+    handle = model.register_forward_hook(lambda *_: time.sleep(0.002))
+    start, errors = threading.Barrier(2), []
+
+    def converse(ctx: str) -> None:
+        try:
+            with HCacheClient(hcached.socket) as client, capture(model, client, ctx, store="kv"):
+                start.wait()
+                _generate(model, prompts[ctx], n=12)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=converse, args=(ctx,)) for ctx in prompts]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        handle.remove()
+    assert not errors
+    with HCacheClient(hcached.socket) as client:
+        for ctx, (seqs, own) in want.items():
+            n = seqs.shape[1] - 1
+            cache, ids = restore(model, client, ctx, method="kv")
+            assert torch.equal(ids, seqs[:, :n]), ctx
+            for i in range(len(decoder_layers(model))):
+                assert torch.equal(cache.layers[i].keys, own.layers[i].keys), (ctx, i)
+            client.delete(ctx)
