@@ -78,6 +78,11 @@ class AsyncHCacheClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def connected(self) -> bool:
+        """Whether the client holds a connection to hcached now (a call without one waits connect_timeout)."""
+        return self._t.connected
+
     async def _call(self, op: str, frames: list | None = None, **args: Any) -> tuple[dict, list]:
         return await self._t.call(op, frames, **args)
 

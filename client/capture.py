@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from hcache.client.copies import cat_into
-from hcache.client.errors import BadRequest, HCacheError
+from hcache.client.errors import BadRequest, DaemonUnreachable, HCacheError
 from hcache.client.layout import ContextInfo
 from hcache.client.staging import StagingPool
 from hcache.client.sync import HCacheClient
@@ -483,6 +483,8 @@ class _Capture:
         return key
 
     def _open(self, ctx: str, t: int) -> _Stored:
+        if not self.client.connected:  # a forward pass does not wait connect_timeout for a daemon that is down
+            raise DaemonUnreachable(f"capture could not save {ctx!r}: hcached is not connected (down, or restarting)")
         info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry, layers=self._layers_to_store(t))
         self.stored[ctx] = _Stored.of(info)
         return self.stored[ctx]

@@ -54,6 +54,11 @@ class HCacheClient:
     def daemon(self) -> dict:
         return self._aio.daemon
 
+    @property
+    def connected(self) -> bool:
+        """Whether the client holds a connection to hcached now (a call without one waits connect_timeout)."""
+        return self._aio.connected
+
     def close(self) -> None:
         if self._loop.is_closed() or os.getpid() != self._pid:  # after a fork, the parent's to close
             return

@@ -64,6 +64,11 @@ class Transport:
         self._res.reader = loop.create_task(_read_replies(self._res))
         self._res.watcher = loop.create_task(_watch_connection(self._res, endpoint))
 
+    @property
+    def connected(self) -> bool:
+        """Whether ZeroMQ holds a connection to hcached now."""
+        return self._res.connected.is_set()
+
     def unreachable(self, what: str, timeout: float) -> DaemonUnreachable:
         return no_daemon_at(self.endpoint, f"did not answer {what} within {timeout:g}s")
 

@@ -238,16 +238,23 @@ def test_capture_that_cannot_save_lets_the_generation_finish_and_fails_at_the_bl
     ids = _prompt(16, 10)
     want, _ = _generate(model, ids, n=6)
     d = daemon_factory()
-    with HCacheClient(d.socket, connect_timeout=1) as client:
+    with HCacheClient(d.socket, connect_timeout=60) as client:
         if failure == "hcached down":
             d.stop()
+            deadline = time.monotonic() + 10
+            while client.connected:
+                assert time.monotonic() < deadline, "the client never saw hcached go"
+                time.sleep(0.01)
         else:
             with capture(model_of("llama-mha", "fp32"), client, "taken"):
                 _generate(model_of("llama-mha", "fp32"), ids, n=2)
         error = DaemonUnreachable if failure == "hcached down" else ModelMismatch
+        start = time.monotonic()
         with pytest.raises(error), capture(model, client, "taken"):
             got, _ = _generate(model, ids, n=6)
+            generated = time.monotonic() - start
         assert torch.equal(got, want)  # the model's own work is not lost to hcache's
+        assert generated < 30  # no forward pass waited the 60 s connect_timeout
 
 
 @pytest.mark.parametrize("how", ["generate", "forward", "not a Cache", "use_cache=False"])
