@@ -19,10 +19,10 @@ from hcache.layout.geometry import Geometry
 
 __all__ = ["AsyncHCacheClient", "BadRequest", "Busy", "ContextChanged", "ContextInfo", "CorruptChunk",
            "DaemonUnreachable", "Geometry", "HCacheClient", "HCacheError", "LeaseError", "ModelMismatch",
-           "OverCapacity", "StorageIOError", "UnknownContext"]
+           "OverCapacity", "StorageIOError", "UnknownContext", "plan"]
 
 _LAZY = {"HCacheClient": "hcache.client.sync", "AsyncHCacheClient": "hcache.client.aio",
-         "ContextInfo": "hcache.client.layout"}
+         "ContextInfo": "hcache.client.layout", "plan": "hcache.client.planner"}
 
 
 def __getattr__(name: str) -> Any:

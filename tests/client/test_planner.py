@@ -212,8 +212,12 @@ def test_cli_plans_from_a_config(tmp_path):
 
 
 def test_planning_does_not_load_torch():
-    code = "import sys, hcache.cli.plan, hcache.client.planner; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    code = ("import sys, hcache.cli.plan, hcache.client.planner; from hcache.client import plan, Geometry; "
+            "print(plan(Geometry(num_layers=2, hidden_size=64, num_kv_heads=2, head_dim=16, dtype='float16'), 100)"
+            ".explain()); "
+            "assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True)
+    assert "LAYER" in out.stdout and "all recompute" in out.stdout  # hcache.client.plan explains itself
 
 
 def test_contexts_built_by_many_decode_steps_plan_fewer_recomputes():
