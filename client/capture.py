@@ -512,5 +512,9 @@ def capture(model: torch.nn.Module, client: HCacheClient, ctx: str | list[str], 
     if store not in STORE_CHOICES:
         raise BadRequest(f"store={store!r}: use one of {STORE_CHOICES}")
     ctxs = [ctx] if isinstance(ctx, str) else list(ctx)
+    if len(set(ctxs)) != len(ctxs):
+        twice = sorted({c for c in ctxs if ctxs.count(c) > 1})
+        raise BadRequest(f"capture got context ids {twice} for more than one batch row: each row is a conversation "
+                         "of its own, give each its own id")
     with _Capture(model, client, ctxs, store, model_id) as c:
         yield c.stats

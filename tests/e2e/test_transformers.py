@@ -280,6 +280,15 @@ def test_capture_refuses_a_cache_it_cannot_follow_before_storing_anything(hcache
             client.stat(f"static-{how}")
 
 
+def test_capture_refuses_one_context_for_two_rows(hcached):
+    with HCacheClient(hcached.socket) as client:
+        with pytest.raises(BadRequest, match=r"\['twice'\] for more than one batch row"):
+            with capture(model_of("llama-gqa", "fp32"), client, ["twice", "once", "twice"]):
+                pass
+        with pytest.raises(UnknownContext):
+            client.stat("twice")
+
+
 def test_capture_refuses_a_model_split_over_devices_before_storing_anything(hcached):
     import copy
 
