@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from functools import reduce
 
@@ -12,6 +13,10 @@ from transformers import DynamicCache
 from hcache.client.families import KV, family_of, rope_of
 from hcache.client.layout import geometry_dtype
 from hcache.layout.geometry import Geometry
+
+# Config keys K/V depend on besides the weights and the geometry: rotary parameters (theta, scaling, the rotated
+# share of a head), the input norms' epsilons, whether OPT norms before attention.
+_SHAPES_KV = re.compile(r"rope|rotary|eps|norm")
 
 
 class _Stop(Exception):
@@ -36,13 +41,15 @@ def geometry_of(model: nn.Module) -> Geometry:
 
 
 def fingerprint(model: nn.Module, model_id: str | None = None) -> str:
-    """A key like "LlamaModel:<32 hex>": blake2b over the base model's class, the geometry (dtype included) and
-    model_id, or without one the sorted (name, shape) of the base model's state dict; the same in every process.
-    Weight values are not read: two fine-tunes of one base model agree unless given model ids."""
+    """A key like "LlamaModel:<32 hex>": blake2b over the base model's class, the geometry (dtype included), the
+    config that shapes K/V besides the weights (rotary parameters, norms' epsilons) and model_id, or without one the
+    sorted (name, shape) of the base model's state dict; the same in every process. Weight values are not read: two
+    fine-tunes of one base model agree unless given model ids."""
     geometry = geometry_of(model)
     base = model.base_model
     arch = type(base).__name__
-    parts: dict[str, object] = {"arch": arch, "geometry": geometry.to_dict()}
+    config = {k: v for k, v in sorted(model.config.to_dict().items()) if _SHAPES_KV.search(k)}
+    parts: dict[str, object] = {"arch": arch, "geometry": geometry.to_dict(), "config": config}
     if model_id is not None:
         parts["model_id"] = model_id
     else:

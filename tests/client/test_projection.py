@@ -168,6 +168,13 @@ def test_fingerprint_is_stable_and_tells_models_apart() -> None:
     assert fingerprint(a, "meta/llama-3") == fingerprint(b, "meta/llama-3") != fingerprint(a, "meta/llama-3.1")
     assert fingerprint(a, "meta/llama-3") != fingerprint(a)
     assert fingerprint(_make("qwen2")) != fingerprint(_make("llama-gqa"))
+    # Config that changes K/V with the same weights: another rotary base, another norm epsilon; not other config.
+    rope, eps, other = (_make("llama-gqa") for _ in range(3))
+    rope.config.rope_parameters = {**rope.config.rope_parameters, "rope_theta": 500000.0}
+    eps.config.rms_norm_eps = 1e-5
+    other.config.max_position_embeddings *= 2
+    assert fingerprint(rope) != fingerprint(a) != fingerprint(eps)
+    assert fingerprint(other) == fingerprint(a)
 
 
 def test_fingerprint_is_the_same_in_another_process() -> None:
