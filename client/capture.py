@@ -432,6 +432,7 @@ class _Capture:
                 stored = self.stored.get(ctx) or self._open(ctx, t)
             except HCacheError as e:  # hcached down, a context of another model...: the generation goes on
                 self._failed = e
+                _STAGING.give(staged)
                 return
             select: dict[str, Key] = {}
             if layers := stored.hidden:
