@@ -6,8 +6,8 @@ import asyncio
 import collections
 import dataclasses
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -18,10 +18,11 @@ from hcache.client.gpu import GpuCopier
 from hcache.client.layout import TORCH_DTYPES, ContextInfo, rep_of, stream_bytes
 from hcache.client.shm import ArenaMap
 from hcache.client.transport import Transport
-from hcache.layout.chunks import CHUNK_TOKENS, chunk_image_size, chunk_range, payload_runs, segments
+from hcache.layout.chunks import CHUNK_TOKENS, chunk_image_size, chunk_range, payload_runs
 from hcache.layout.geometry import PASS_START, TOKEN_RECORD_BYTES, Geometry, Rep
 from hcache.layout.paths import client_endpoint
 
+T = TypeVar("T")
 _LEASE_BYTES = 64 << 20
 _READS_IN_FLIGHT = 3  # keeps the disks busy while earlier pieces are copied out
 
@@ -32,15 +33,24 @@ class AsyncHCacheClient:
     def __init__(self, transport: Transport, hello: dict, namespace: str) -> None:
         self._t = transport
         self.namespace = namespace
-        self.daemon = hello
         self.local = transport.endpoint.startswith("ipc://")
+        self._remapping = asyncio.Lock()
+        self._info: dict[str, ContextInfo] = {}
+        self._gpus: dict[torch.device, GpuCopier] = {}
+        self._attach(hello)
+
+    def _attach(self, hello: dict) -> None:
+        """Take a daemon's hello: map its arena (a local client) and size leases to it."""
+        for copier in self._gpus.values():
+            copier.close()
+        self._gpus.clear()
+        self.daemon = hello
+        # An arena mapped before is not closed: a read leased from its daemon may still copy from it; the mapping
+        # goes with its last reference.
         self._arena = ArenaMap(hello["arena"], hello["arena_size"]) if self.local else None
         # Bytes one lease pins: small enough that the daemon writes (or reads) one piece while this
         # client copies the next, and leaves arena room for other clients.
         self._budget = min(hello["arena_size"] // (2 * _READS_IN_FLIGHT), _LEASE_BYTES)
-        self._remapping = asyncio.Lock()
-        self._info: dict[str, ContextInfo] = {}
-        self._gpus: dict[torch.device, GpuCopier] = {}
         if self._arena is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             # A process on the GPU page-locks the arena now, not in its first restore's time to first token.
             self._copier(torch.device("cuda", torch.cuda.current_device()))
@@ -91,20 +101,17 @@ class AsyncHCacheClient:
         refuses it (DaemonRestarted) rather than lease space in an arena this client does not map."""
         return await self._call(op, **({"arena": arena.path} if arena is not None else {}), **args)
 
-    async def _remap(self, stale: ArenaMap | None) -> None:
-        """After hcached restarted: hello again and map its arena (once, however many calls found out)."""
-        async with self._remapping:
-            if self._arena is not stale:
-                return
-            hello, _ = await self._call("hello", pid=os.getpid())
-            for copier in self._gpus.values():
-                copier.close()
-            self._gpus.clear()
-            self.daemon = hello
-            self._arena = ArenaMap(hello["arena"], hello["arena_size"])
-            self._budget = min(hello["arena_size"] // (2 * _READS_IN_FLIGHT), _LEASE_BYTES)
-            # Not closed: a read leased from the old daemon may still copy from it; the mapping goes with its last
-            # reference.
+    async def _in_arena(self, work: Callable[[ArenaMap | None], Awaitable[T]]) -> T:
+        """work(the arena this client maps); if hcached restarted since, the daemon refused it before it took
+        effect: hello again, map the new arena (once, however many calls found out) and do the work again."""
+        arena = self._arena
+        try:
+            return await work(arena)
+        except DaemonRestarted:
+            async with self._remapping:
+                if self._arena is arena:
+                    self._attach((await self._call("hello", pid=os.getpid()))[0])
+            return await work(self._arena)
 
     # -- contexts ---------------------------------------------------------------------------------
     async def open(self, ctx: str, *, model: str, geometry: Geometry,
@@ -200,12 +207,7 @@ class AsyncHCacheClient:
             frames = [memoryview(np.ascontiguousarray(p)).cast("B") for p in pieces]
             reply, _ = await self._call("append", frames, ns=self.namespace, ctx=ctx, n=n, at=at, inline=True)
         else:
-            arena = self._arena
-            try:
-                reply = await self._append_leased(arena, ctx, n, at, pieces)
-            except DaemonRestarted:
-                await self._remap(arena)
-                reply = await self._append_leased(self._arena, ctx, n, at, pieces)
+            reply = await self._in_arena(lambda arena: self._append_leased(arena, ctx, n, at, pieces))
         self._info[ctx] = dataclasses.replace(self._info[ctx], n_tokens=reply["n_tokens"])
 
     async def _append_leased(self, arena: ArenaMap, ctx: str, n: int, at: int, pieces: list[np.ndarray]) -> dict:
@@ -291,12 +293,7 @@ class AsyncHCacheClient:
         of it again from its new arena."""
         if end <= start or not streams:
             return
-        arena = self._arena
-        try:
-            await self._read_leased(arena, ctx, streams, start, end, dst, after)
-        except DaemonRestarted:
-            await self._remap(arena)
-            await self._read_leased(self._arena, ctx, streams, start, end, dst, after)
+        await self._in_arena(lambda arena: self._read_leased(arena, ctx, streams, start, end, dst, after))
 
     async def _read_leased(self, arena: ArenaMap | None, ctx: str, streams: list[tuple[int, Rep]], start: int,
                            end: int, dst: torch.Tensor, after: torch.cuda.Event | None) -> None:
@@ -368,26 +365,22 @@ def _runs(arena: torch.Tensor, chunk_offsets: list[int], start: int, end: int,
     """Views of the arena's bytes for tokens [start, end) of one stream, as (view, first token, count): consecutive
     full chunks that lie one image apart merge into one strided view, so one copy moves many chunks (a copy per
     64-token chunk spent most of its time starting and stopping OpenMP threads)."""
-    image = chunk_image_size(tb)
-    runs: list[list[int]] = []  # [arena offset, first token, tokens, chunks merged (0: a partial chunk)]
-    t = 0
-    for pos, first, count in segments(start, end):
-        off = chunk_offsets[pos] + first * tb
+    image, full = chunk_image_size(tb), CHUNK_TOKENS * tb
+    runs: list[list[int]] = []  # [arena offset, first byte, bytes, chunks merged (0: a partial chunk)]
+    for off, at, n in payload_runs(chunk_offsets, start, end, tb):
         prev = runs[-1] if runs else None
-        if (count == CHUNK_TOKENS and prev is not None and prev[3]
-                and prev[0] + prev[3] * image == off):
-            prev[2] += count
+        if n == full and prev is not None and prev[3] and prev[0] + prev[3] * image == off:
+            prev[2] += n
             prev[3] += 1
         else:
-            runs.append([off, t, count, 1 if count == CHUNK_TOKENS else 0])
-        t += count
+            runs.append([off, at, n, 1 if n == full else 0])
     views = []
-    for off, t, n, merged in runs:
+    for off, at, n, merged in runs:
         if merged > 1:
             view = arena.as_strided((merged, CHUNK_TOKENS, tb), (image, tb, 1), off)
         else:
-            view = arena[off : off + n * tb].view(n, tb)
-        views.append((view, t, n))
+            view = arena[off : off + n].view(n // tb, tb)
+        views.append((view, at // tb, n // tb))
     return views
 
 
