@@ -30,9 +30,6 @@ _BATCH_BYTES = 32 << 20
 _MAX_DELAY_S = 15.0
 # Host memory for a held-back batch's passes on a CPU and for the passes joined, each twice while the model goes on.
 _STAGING = StagingPool(keep_bytes=4 * _BATCH_BYTES)
-_NO_CACHE = ("capture saves each token once, as the model's cache keeps it; a forward pass that keeps no cache "
-             "(use_cache=False) makes the next one process the same tokens again: call the model, or generate, with "
-             "use_cache=True")
 Key = str | tuple  # of a pass's tensors: "ids", "mask", ("hidden", layers), ("kv", layers), ("kv", layers, row)
 
 
@@ -49,13 +46,6 @@ def _rows_major(key: Key, t: torch.Tensor) -> torch.Tensor:
 def _token_dim(key: Key) -> int:
     """The axis of _rows_major's view that holds the tokens."""
     return 2 if isinstance(key, tuple) and len(key) == 2 else 1
-
-
-def _captured_token_dim(key: Key) -> int:
-    """The axis of a pass's tensor as captured (see _rows_major) that holds the tokens."""
-    if isinstance(key, str) or len(key) == 3:
-        return 1
-    return 2 if key[0] == "hidden" else 3
 
 
 def _row_data(host: dict[Key, torch.Tensor], key: Key, row: int) -> torch.Tensor:
@@ -87,14 +77,15 @@ class _Pass:
         self.ready = torch.cuda.current_stream(first.device).record_event() if first.is_cuda else None
         self.tokens = first.shape[1]  # ids come first
 
-    def keep_first(self, kept: int) -> None:
-        """Keep only the pass's first `kept` tokens (copied: a view's other bytes would cross to the host too)."""
-        for key, x in self.tensors.items():
-            self.tensors[key] = x.narrow(_captured_token_dim(key), 0, kept).contiguous()
-        if self.ready is not None:  # the copies above come after the event the sender waits for
-            self.ready = torch.cuda.current_stream(self.tensors["ids"].device).record_event()
-        self.nbytes = self.nbytes * kept // self.tokens
-        self.tokens = kept
+    def keep_first(self, kept: int) -> torch.Tensor | int:
+        """Leave the pass's tokens from `kept` on out, as padding is (the sender keeps what the mask marks); how
+        many of them each row had kept."""
+        ids, mask = self.tensors["ids"], self.tensors.get("mask")
+        keep = torch.arange(self.tokens, device=ids.device) < kept
+        self.tensors["mask"] = keep.expand(ids.shape) if mask is None else mask & keep
+        if self.ready is not None:  # the mask above comes after the event the sender waits for
+            self.ready = torch.cuda.current_stream(ids.device).record_event()
+        return self.tokens - kept if mask is None else mask[:, kept:].sum(1)
 
     def joins(self, other: _Pass) -> bool:
         """Whether `other` holds the same tensors but for its tokens, so the two can be picked from as one: the
@@ -133,7 +124,7 @@ class _Held:
     accepted."""
 
     pass_: _Pass
-    cache: object  # the model's cache after the pass; None without one
+    cache: Cache  # the model's cache after the pass
     past: int  # its length before the pass
 
 
@@ -358,8 +349,6 @@ class _Capture:
             raise BadRequest(f"capture needs the attention mask as [batch, tokens] of 0 and 1, got {shape}: a static "
                              "cache (cache_implementation='static') passes a prepared mask; generate with the default "
                              "dynamic cache, or pass the 2D mask")
-        if kwargs.get("use_cache") is False:
-            raise BadRequest(_NO_CACHE)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and not isinstance(cache, Cache):
             raise BadRequest(f"capture follows the model's transformers Cache, the model got a "
@@ -381,14 +370,9 @@ class _Capture:
         if held is None:
             return
         p = held.pass_
-        kept = p.tokens if held.cache is None else max(0, held.cache.get_seq_length() - held.past)
+        kept = held.cache.get_seq_length() - held.past
         if kept < p.tokens:
-            mask = p.tensors.get("mask")
-            self._kept -= mask[:, kept:].sum(1) if mask is not None else p.tokens - kept
-            if kept == 0:
-                _STAGING.give(p.staged)
-                return
-            p.keep_first(kept)
+            self._kept -= p.keep_first(max(kept, 0))
         self.sender.put(p)
 
     def _layer_hook(self, i: int):  # noqa: ANN202 - a forward pre-hook
@@ -418,7 +402,9 @@ class _Capture:
                              "(beam search, which runs and reorders several rows per sequence, cannot be captured)")
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         if cache is None:
-            raise BadRequest(_NO_CACHE)
+            raise BadRequest("capture saves each token once, as the model's cache keeps it; a forward pass that keeps "
+                             "no cache (use_cache=False) makes the next one process the same tokens again: call the "
+                             "model, or generate, with use_cache=True")
         # Nothing here waits for the device (a read of ids or mask would stall a GPU's queue every step): ids and
         # masks travel with the pass, and rows are picked on the host by the sender.
         tensors: dict[Key, torch.Tensor] = {"ids": ids.clone()}
