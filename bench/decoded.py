@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from report import git_info, host_info, run_and_save
-from restore import DRAM, GEOMETRIES, Hcached, build_model, device_slug, log, random_ids, synchronizer
+from restore import DRAM, GEOMETRIES, Hcached, build_model, device_slug, log, random_ids, synchronizer, timed
 
 from hcache.client import HCacheClient
 from hcache.transformers import capture, restore
@@ -42,14 +42,6 @@ def parse_args() -> argparse.Namespace:
     if args.repeat < 1 or args.prompt < 1 or min(args.steps) < 0 or (args.layers is not None and args.layers < 1):
         p.error("--repeat, --prompt and --layers must be at least 1, --steps at least 0")
     return args
-
-
-def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def interleaved(runs: dict[str, Callable[[], object]], sync: Callable[[], None], repeat: int) -> dict[str, list[float]]:

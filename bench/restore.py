@@ -108,6 +108,15 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
 
+def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    """Seconds fn() takes, the device's queue drained before and after."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def build_model(name: str, layers: int, dtype: torch.dtype, device: torch.device, seed: int) -> LlamaForCausalLM:
     """A random Llama of the named geometry: uniform weights of std 0.02 (fast to draw), norms at 1."""
     config = LlamaConfig(**GEOMETRIES[name], num_hidden_layers=layers, max_position_embeddings=4096)
@@ -289,11 +298,7 @@ def projection_vs_recompute(model: LlamaForCausalLM, tokens: int, seed: int) -> 
         runs["c_h"]()  # warm-up
         for _ in range(PROJECTION_RUNS):
             for name, fn in runs.items():
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                times[name].append((time.perf_counter() - start) / layers)
+                times[name].append(timed(fn, sync) / layers)
     c_h, c_tok = min(times["c_h"]), min(times["c_tok"])
     g, inter = geometry_of(model), model.config.intermediate_size
     d, kv_dim = g.hidden_size, g.num_kv_heads * g.head_dim
@@ -509,17 +514,16 @@ def hook_dispatch_s(calls: int = 20000) -> float:
 
 def capture_tbt(model: LlamaForCausalLM, hc: Hcached, args: argparse.Namespace, decoding: set[int]) -> dict:
     """Capture's cost per decode step, batch 1 and 8, as deployed (store="plan") and saving every layer's hidden
-    states and K/V (store="both": three times the bytes, for MHA): the time its hooks take inside the steps, plus the
-    CPU time of the work it moves off them, over the steps' time without capture. On a CPU, whose cores the model's
-    OpenMP workers fill, all of that work counts (its sender, the client's loop, ZeroMQ's threads, the daemon), as
-    if it were all taken from the decoding cores. On a GPU the decode is one Python thread on a host with cores to
-    spare: the daemon and ZeroMQ's threads run beside it, and what can slow it is the CPU of capture's threads in
-    the serving process (its sender, the client's loop), which share its interpreter lock: that counts, in whole
-    (an upper bound: their copies and socket calls release the lock), and the all-CPU figure is reported beside.
-    Timing steps with capture on
-    against steps without could not resolve this here: whole generate() runs differed by several percent from load
-    alone, and steps taken in turn with those of a twin sharing the model's weights still spread +-5% each (their
-    median ratio, reported beside, is within about a percent)."""
+    states and K/V (store="both": three times the bytes, for MHA): the time its hooks take inside the steps, plus
+    the CPU time of the work it moves off them, over the steps' time without capture. On a CPU, whose cores the
+    model's OpenMP workers fill, all of that work counts (its sender, the client's loop, ZeroMQ's threads, the
+    daemon), as if it were all taken from the decoding cores. On a GPU the decode is one Python thread on a host
+    with cores to spare: the daemon and ZeroMQ's threads run beside it, and what can slow it is the CPU of capture's
+    threads in the serving process (its sender, the client's loop), which share its interpreter lock: that counts,
+    in whole (an upper bound: their copies and socket calls release the lock), and the all-CPU figure is reported
+    beside. Timing steps with capture on against steps without could not resolve this here: whole generate() runs
+    differed by several percent from load alone, and steps taken in turn with those of a twin sharing the model's
+    weights still spread +-5% each (their median ratio, reported beside, is within about a percent)."""
     assert hc.proc is not None and hc.proc.proc is not None
     device, pid = next(model.parameters()).device, hc.proc.proc.pid
     plain = twin(model)
