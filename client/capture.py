@@ -305,19 +305,19 @@ class _Capture:
 
     def __enter__(self) -> _Capture:
         self.sender.start()
-        timed = self._timed
-        self._handles.append(self.model.register_forward_pre_hook(timed(self._on_model_input), with_kwargs=True))
+        own = self._own
+        self._handles.append(self.model.register_forward_pre_hook(own(self._on_model_input), with_kwargs=True))
         for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(timed(self._layer_hook(i)), with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(timed(self._on_model_output), with_kwargs=True))
+            self._handles.append(layer.register_forward_pre_hook(own(self._layer_hook(i)), with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(own(self._on_model_output), with_kwargs=True))
         return self
 
-    def _timed(self, hook: Callable) -> Callable:
+    def _own(self, hook: Callable) -> Callable:
+        """`hook` as this block's: run only for the thread that opened the block (a server's other threads may run
+        the same model at the same time, for other conversations, in blocks of their own or none), and timed."""
         owner = threading.get_ident()
 
-        # The block captures the forward passes of the thread that opened it: a server's other threads may run the
-        # same model at the same time, for other conversations (in blocks of their own, or none).
-        def timed(*args: object) -> None:
+        def own(*args: object) -> None:
             if threading.get_ident() != owner:
                 return
             start = time.perf_counter()
@@ -326,7 +326,7 @@ class _Capture:
             finally:
                 self.stats.hook_s += time.perf_counter() - start
 
-        return timed
+        return own
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
