@@ -10,6 +10,7 @@ import torch
 from hcache.client import ContextChanged, DaemonUnreachable, HCacheClient, HCacheError
 from hcache.layout import wire
 from tests.e2e.data import GQA, MHA, Expected, assert_restores, geometry
+from tests.e2e.test_durability import _save
 from tests.e2e.test_tcp import free_port
 
 
@@ -26,8 +27,7 @@ def test_a_client_goes_on_in_the_arena_of_a_restarted_hcached(daemon, how):
     gen = torch.Generator().manual_seed(21)
     exp = Expected(geometry(MHA, "bfloat16"))
     with HCacheClient(daemon.socket) as c:
-        c.open("chat", model="tiny", geometry=exp.geometry, layers=exp.layers)
-        c.append("chat", *exp.round(130, gen))
+        _save(c, exp, gen, [130])
         c.flush("chat")
         before = c._aio._arena.path
         _restart(daemon, how)
@@ -43,8 +43,7 @@ def test_an_append_after_tokens_were_lost_is_refused_and_stores_nothing(daemon):
     gen = torch.Generator().manual_seed(22)
     exp = Expected(geometry(GQA, "float32"))
     with HCacheClient(daemon.socket) as c:
-        c.open("chat", model="tiny", geometry=exp.geometry, layers=exp.layers)
-        c.append("chat", *exp.round(100, gen))
+        _save(c, exp, gen, [100])
         c.flush("chat")
         c.append("chat", *exp.round(30, gen))  # committed, not durable: gone with a kill -9
         _restart(daemon, "sigkill")
