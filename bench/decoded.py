@@ -12,9 +12,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from report import git_info, host_info, run_and_save
+from report import git_info, host_info, run_and_save, subplots
 from restore import DRAM, GEOMETRIES, Hcached, build_model, device_slug, log, random_ids, synchronizer, timed
 
 from hcache.client import HCacheClient
@@ -115,15 +116,10 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
             "max_abs_diff": "keys against the model's own cache", "contexts": contexts}
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict) -> Any:
     colors = {"recompute": "tab:red", "hidden": "tab:blue", "kv": "tab:green", "auto": "black"}
     steps = [c["steps"] for c in result["contexts"]]
-    fig, ax = plt.subplots(figsize=(7, 4.6))
+    fig, ax = subplots(figsize=(7, 4.6))
     for method, color in colors.items():
         for which, style in (("exact", "-o"), ("one_pass", "--x")):
             ax.plot(steps, [c["methods"][method][which]["seconds"] * 1e3 for c in result["contexts"]], style,
@@ -135,9 +131,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{result['model']}, {result['layers']} layers, {result['dtype']}, {result['device']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def summary(result: dict) -> str:

@@ -16,9 +16,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from report import git_info, host_info, run_and_save
+from report import git_info, host_info, run_and_save, subplots
 
 from hcache.client import HCacheClient
 from hcache.daemon.process import DaemonProcess
@@ -221,16 +222,11 @@ def open_disk(path: Path, size: int, direct: bool) -> Disk:
 
 
 # -- report ---------------------------------------------------------------------------------------
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict) -> Any:
     groups = [("save (to durable)", "save_gbps", "disk_write_gbps", "disk write", "save_vs_disk"),
               ("cold restore", "cold_restore_gbps", "disk_read_gbps", "disk read", "cold_restore_vs_disk"),
               ("warm restore", "warm_restore_gbps", "memcpy_gbps", "memcpy", "warm_restore_vs_memcpy")]
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, ax = subplots(figsize=(8, 4.8))
     width = 0.38
     ymax = max(result[k] for g in groups for k in g[1:3]) * 1.35
     for i, (_, ours, base, base_label, ratio) in enumerate(groups):
@@ -248,9 +244,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"hcache vs baseline: {format_size(result['payload_bytes'])}, engine {result['engine']}, "
                  f"disk baseline {result['disk_tool']}\n{h['cpu_count']} CPUs, {h['fs_type']} on {h['fs_source']}, "
                  f"kernel {h['kernel']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def summary(result: dict) -> str:

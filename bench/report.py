@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,9 +40,20 @@ def git_info() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """matplotlib's subplots, drawn off screen: a benchmark host has no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
 def run_and_save(directory: Path, prefix: str, measure: Callable[[Path], dict], stem: Callable[[dict], str],
-                 plot: Callable[[dict, Path], None]) -> dict:
-    """Measure in a fresh temp dir under `directory` (removed after), then write results/<stem>.json and .png."""
+                 plot: Callable[[dict], Any]) -> dict:
+    """Measure in a fresh temp dir under `directory` (removed after), then write results/<stem>.json and the figure
+    plot(result) draws as results/<stem>.png."""
     directory.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
     try:
@@ -51,6 +63,11 @@ def run_and_save(directory: Path, prefix: str, measure: Callable[[Path], dict], 
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = stem(result)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / f"{name}.png")
+    import matplotlib.pyplot as plt
+
+    fig = plot(result)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    plt.close(fig)
     print(f"[bench] wrote {RESULTS / name}.json and .png", file=sys.stderr, flush=True)
     return result

@@ -17,10 +17,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
-from report import git_info, host_info, run_and_save
+from report import git_info, host_info, run_and_save, subplots
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
@@ -584,14 +585,9 @@ def tokens_per_s(restores: dict, which: str) -> dict:
                    for m in METHODS} for name, per_t in restores.items()}
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict) -> Any:
     names = list(result["tokens_per_s"]["cold"])
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(5.2 * (len(names) + 1), 4.6))
+    fig, axes = subplots(1, len(names) + 1, figsize=(5.2 * (len(names) + 1), 4.6))
     colors = {"RE": "tab:red", "H": "tab:blue", "KV": "tab:green", "auto": "black"}
     for ax, name in zip(axes, names, strict=False):
         for which, style in (("cold", "-o"), ("warm", ":x")):
@@ -629,9 +625,7 @@ def plot(result: dict, path: Path) -> None:
                  f"projection/recompute {result['projection_vs_recompute']:.2f}, auto/best single "
                  f"{result['auto_vs_best_single']:.2f}, capture TBT overhead {result['capture_tbt_overhead']:+.1%}",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def summary(result: dict) -> str:
