@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from hcache.client.copies import cat_into
-from hcache.client.errors import BadRequest, DaemonUnreachable, HCacheError
+from hcache.client.errors import BadRequest, ContextChanged, DaemonUnreachable, HCacheError, UnknownContext
 from hcache.client.layout import ContextInfo
 from hcache.client.staging import StagingPool
 from hcache.client.sync import HCacheClient
@@ -118,6 +118,47 @@ class _Piece:
 
 
 @dataclass
+class _Overlap:
+    """Tokens [start, end) a context already holds that the model processes again in the block (a conversation
+    prefilled anew rather than restored): checked against the stored ones, and not saved twice."""
+
+    start: int
+    end: int
+    stored: torch.Tensor | None = None  # those not met yet, once read
+
+    def take(self, client: HCacheClient, ctx: str, ids: torch.Tensor) -> int:
+        """How many of `ids`, the next tokens of the context's row, are the context's own; ContextChanged at the
+        first that differs."""
+        if self.stored is None:
+            self.stored = client.tokens(ctx, self.start, self.end)
+        n = min(len(ids), len(self.stored))
+        differs = (ids[:n] != self.stored[:n]).nonzero()
+        if len(differs):
+            i = int(differs[0])
+            at = self.end - len(self.stored) + i
+            raise ContextChanged(f"the model was given token {int(ids[i])} at position {at} of context {ctx!r}, "
+                                 f"which holds token {int(self.stored[i])} there (an edited or regenerated turn?): "
+                                 f"capture the new conversation into a new context id, or delete {ctx!r} first")
+        self.stored = self.stored[n:]
+        return n
+
+    @property
+    def done(self) -> bool:
+        return self.stored is not None and len(self.stored) == 0
+
+
+def _without_first(ids: torch.Tensor, data: dict[str, torch.Tensor], passes: list[int], n: int
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int]]:
+    """A row's tokens, their data and passes, less the first n tokens: a pass cut in two keeps its rest."""
+    rest = []
+    for tokens in passes:
+        if n < tokens:
+            rest.append(tokens - n)
+        n = max(n - tokens, 0)
+    return ids[len(ids) - sum(rest):], {k: v[:, v.shape[1] - sum(rest):] for k, v in data.items()}, rest
+
+
+@dataclass
 class _Held:
     """The latest pass, kept from the sender until the model's cache shows how many of its tokens it keeps:
     assisted and prompt-lookup decoding verify candidate tokens in one pass, then crop the cache to those
@@ -150,6 +191,7 @@ class _Sender:
     device: torch.device
     stats: CaptureStats
     passes: collections.deque = field(default_factory=collections.deque)
+    overlaps: dict[str, _Overlap] = field(default_factory=dict)  # by context, until the model is past them
     wake: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     error: BaseException | None = None
     thread: threading.Thread | None = None
@@ -205,7 +247,13 @@ class _Sender:
                 else:
                     ids = torch.cat([p.ids for p in pieces])
                     data = {k: torch.cat([p.data[k] for p in pieces], dim=1) for k in pieces[0].data}
-                self.client.append(ctx, ids, data, passes=[n for p in pieces for n in p.passes])
+                passes = [n for p in pieces for n in p.passes]
+                if overlap := self.overlaps.get(ctx):
+                    ids, data, passes = _without_first(ids, data, passes, overlap.take(self.client, ctx, ids))
+                    if overlap.done:
+                        del self.overlaps[ctx]
+                if passes:
+                    self.client.append(ctx, ids, data, passes=passes)
         finally:
             _STAGING.give(staged)
 
@@ -301,6 +349,7 @@ class _Capture:
         self._handles: list = []
         self._failed: HCacheError | None = None  # talking to hcached in a forward pass: raised at the block's end
         self._past = 0  # the length of the model's cache before the current pass
+        self._start: list[int] | None = None  # per row, the tokens the model's cache held when the block began
         self._held: _Held | None = None
 
     def __enter__(self) -> _Capture:
@@ -360,8 +409,17 @@ class _Capture:
                              "DynamicCache")
         self._settle()
         self._past = cache.get_seq_length() if cache is not None else 0
+        if self._start is None:
+            self._start = self._cached_tokens(ids, mask)
         self._ids = ids
         self._mask = mask
+
+    def _cached_tokens(self, ids: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
+        """Per row, the tokens the model's cache holds before this pass, its padding left out."""
+        if mask is None or self._past == 0:
+            return [self._past] * ids.shape[0]
+        # A read of the mask waits for the device: once a block, before its first pass.
+        return mask[:, : mask.shape[1] - ids.shape[1]].sum(1).tolist()
 
     def _settle(self) -> None:
         """Hand the held pass to the sender, without the tokens the model's cache has dropped since (a cache's
@@ -415,7 +473,7 @@ class _Capture:
         rows, nbytes = [], 0
         for row, ctx in enumerate(self.ctxs):
             try:
-                stored = self.stored.get(ctx) or self._open(ctx, t)
+                stored = self.stored.get(ctx) or self._open(ctx, row, t)
             except HCacheError as e:  # hcached down, a context of another model...: the generation goes on
                 self._failed = e
                 _STAGING.give(staged)
@@ -461,7 +519,7 @@ class _Capture:
             if entry is not None and entry.keys.shape[2] >= t:
                 k, v = entry.keys[row, :, -t:], entry.values[row, :, -t:]  # [n_kv, t, hd]
             else:
-                first = self.stored[self.ctxs[row]].info.n_tokens + int(self._kept[row])  # waits for the device: rare
+                first = self._start[row] + int(self._kept[row])  # waits for the device: rare
                 positions = torch.arange(first, first + t, device=hidden[i].device)[None]
                 k, v = (x[0] for x in self.project(i, hidden[i][row : row + 1, -t:], positions))
             per_layer.append(torch.stack([k, v]).permute(2, 0, 1, 3))
@@ -469,10 +527,26 @@ class _Capture:
         tensors[key] = torch.stack(per_layer)
         return key
 
-    def _open(self, ctx: str, t: int) -> _Stored:
+    def _open(self, ctx: str, row: int, t: int) -> _Stored:
+        """Open the context of batch row `row`, whose conversation the model's cache holds `self._start[row]`
+        tokens of: the context must hold those; the model processing some of its tokens again is allowed."""
         if not self.client.connected:  # a forward pass does not wait connect_timeout for a daemon that is down
             raise DaemonUnreachable(f"capture could not save {ctx!r}: hcached is not connected (down, or restarting)")
-        info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry, layers=self._layers_to_store(t))
+        cached = self._start[row]
+        try:
+            info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry,
+                                    layers=self._layers_to_store(t), create=cached == 0)
+        except UnknownContext:
+            raise ContextChanged(f"the model's cache held {cached} tokens of row {row}'s conversation when capture "
+                                 f"began, and hcached has no context {ctx!r} (evicted, or deleted?): the tokens before "
+                                 "the block cannot be saved; capture the conversation from an empty cache") from None
+        if info.n_tokens < cached:
+            raise ContextChanged(f"the model's cache held {cached} tokens of row {row}'s conversation when capture "
+                                 f"began, context {ctx!r} holds {info.n_tokens}: the tokens between were never saved "
+                                 "(or were lost with an eviction or a restart of hcached); restore the context before "
+                                 f"generating, or delete {ctx!r} and capture the conversation from an empty cache")
+        if info.n_tokens > cached:
+            self.sender.overlaps[ctx] = _Overlap(cached, info.n_tokens)
         self.stored[ctx] = _Stored.of(info)
         return self.stored[ctx]
 
@@ -493,8 +567,9 @@ class _Capture:
 def capture(model: torch.nn.Module, client: HCacheClient, ctx: str | list[str], store: str = "plan",
             model_id: str | None = None) -> Iterator[CaptureStats]:
     """Save the input hidden states (and/or K/V) of every token `model` processes inside the block into
-    context `ctx` (one id, or one per batch row), appending if it exists; the block's end waits until
-    it is durable. `store`: "plan" (what the planner keeps per layer), "hidden", "kv" or "both".
+    context `ctx` (one id, or one per batch row), appending if it exists (from where the model's cache ends; tokens
+    the context holds already are checked, not saved again); the block's end waits until it is durable.
+    `store`: "plan" (what the planner keeps per layer), "hidden", "kv" or "both".
     Yields the block's CaptureStats (what it has cost so far, on the forward passes' path and off it)."""
     if store not in STORE_CHOICES:
         raise BadRequest(f"store={store!r}: use one of {STORE_CHOICES}")

@@ -64,7 +64,8 @@ class DaemonRestarted(HCacheError):
 
 
 class ContextChanged(HCacheError):
-    """An append did not continue from the context's length: another writer, or tokens lost with a restart."""
+    """A context does not hold what its writer saw or the model's cache holds: another writer, tokens lost with a
+    restart or an eviction, or a conversation that differs from it."""
 
     code = wire.CONFLICT
 

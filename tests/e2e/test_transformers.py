@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from hcache.client import BadRequest, HCacheClient, UnknownContext
+from hcache.client import BadRequest, ContextChanged, HCacheClient, UnknownContext
 from hcache.client.costs import Profile
 from hcache.client.projection import Projector, decoder_layers, geometry_of, project_kv
 from hcache.layout.geometry import Rep
@@ -336,3 +336,83 @@ def test_capture_blocks_in_two_threads_on_one_model_each_save_their_own_conversa
             for i in range(len(decoder_layers(model))):
                 assert torch.equal(cache.layers[i].keys, own.layers[i].keys), (ctx, i)
             client.delete(ctx)
+
+
+@pytest.mark.parametrize("family", ["llama-mha", "mistral"])  # mistral: K/V past its window projected in capture
+def test_capture_of_a_conversation_prefilled_anew_saves_only_what_its_context_lacks(hcached, family):
+    """An engine that prefills the whole conversation again (it did not restore) under capture of its context: the
+    tokens the context holds are checked and not saved twice, and the context continues the conversation."""
+    model = model_of(family, "fp32")
+    ctx = f"anew-{family}"
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, ctx, store="kv"):
+            first, _ = _generate(model, _round_ids(0, None), n=FIRST_ROUND_TOKENS)
+        with capture(model, client, ctx, store="kv"):  # no cache: the model processes round 1's tokens again
+            second, own = _generate(model, _round_ids(1, first), n=4)  # a sliding window keeps some of the prefill
+        n = second.shape[1] - 1
+        assert torch.equal(client.tokens(ctx), second[0, :n])
+        cache, _ = restore(model, client, ctx, method="kv")
+        for i, layer in enumerate(own.layers):  # round 1's K/V came from other passes: equal up to rounding
+            torch.testing.assert_close(cache.layers[i].keys, layer.keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(cache.layers[i].values, layer.values, atol=1e-5, rtol=1e-4)
+        third = _round_ids(2, second)
+        assert torch.equal(_generate(model, third, cache)[0], _generate(model, third)[0])
+        client.delete(ctx)
+
+
+def test_capture_of_a_padded_batch_prefilled_anew_skips_each_rows_saved_tokens(hcached):
+    model = model_of("llama-gqa", "fp32")
+    with HCacheClient(hcached.socket) as client:
+        saved, _ = _generate(model, _prompt(20, 9), n=4)
+        with capture(model, client, "rows-saved"):
+            _generate(model, saved[:, :-1], n=1)  # the context holds saved's tokens but its last
+        rows = [torch.cat([saved, _prompt(21, 3)], 1), _prompt(22, 5)]
+        width = max(r.shape[1] for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):  # left padding
+            ids[i, width - r.shape[1]:], mask[i, width - r.shape[1]:] = r[0], 1
+        with capture(model, client, ["rows-saved", "rows-new"]):
+            seqs = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        for i, ctx in enumerate(["rows-saved", "rows-new"]):
+            assert torch.equal(client.tokens(ctx), seqs[i, width - rows[i].shape[1]: -1]), ctx
+            client.delete(ctx)
+
+
+def test_capture_refuses_a_conversation_that_differs_from_its_context_and_saves_none_of_it(hcached):
+    model = model_of("llama-gqa", "fp32")
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, "edited"):
+            first, _ = _generate(model, _prompt(23, 12), n=4)
+        edited = first.clone()
+        edited[0, 7] = edited[0, 7] % (VOCAB - 1) + 1  # another token, as an edited message has
+        with pytest.raises(ContextChanged, match="token .* at position 7 of context 'edited'"):
+            with capture(model, client, "edited"):
+                got, _ = _generate(model, edited, n=4)
+        assert torch.equal(got, _generate(model, edited, n=4)[0])  # the generation itself went on
+        assert torch.equal(client.tokens("edited"), first[0, :-1])
+        client.delete("edited")
+
+
+@pytest.mark.parametrize("context", ["deleted", "shorter"])
+def test_capture_refuses_a_cache_holding_more_than_its_context(hcached, context):
+    """The model's cache holds tokens the context lacks (it was evicted after the restore, or is another one): they
+    cannot be saved now, and saving what follows them at the context's end would shift every position."""
+    model = model_of("llama-gqa", "fp32")
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, "longer"):
+            first, _ = _generate(model, _prompt(24, 12), n=4)
+        cache, ids = restore(model, client, "longer")
+        if context == "shorter":
+            with capture(model, client, "shorter"):
+                _generate(model, first[:, :5], n=1)
+        client.delete("longer")
+        target = "longer" if context == "deleted" else "shorter"
+        with pytest.raises(ContextChanged, match="cache held 15 tokens"), capture(model, client, target):
+            _generate(model, torch.cat([first, _prompt(25, 3)], 1), cache)
+        if context == "deleted":  # not created empty either
+            with pytest.raises(UnknownContext):
+                client.stat("longer")
+        else:
+            assert client.stat("shorter").n_tokens == 5
+            client.delete("shorter")
