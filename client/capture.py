@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -312,6 +313,20 @@ def _joined(run: list[_Pass], stream: torch.cuda.Stream | None, staged: list[tor
     return host
 
 
+def _generating_rows() -> torch.Tensor | None:
+    """The rows generate() is still generating, [B] of 0/1, when the current forward pass runs in its decoding loop.
+    A row that has finished (its end-of-sequence token, a stop string) is fed its last token and then padding, under
+    an attention mask of ones, until every row has: none of it is the row's conversation. generate() keeps which rows
+    finished only in a local of that loop."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_sample" and frame.f_globals.get("__name__") == "transformers.generation.utils":
+            rows = frame.f_locals.get("unfinished_sequences")
+            return rows if isinstance(rows, torch.Tensor) else None
+        frame = frame.f_back
+    return None
+
+
 def _stack(parts: list[torch.Tensor], staged: list[torch.Tensor]) -> torch.Tensor:
     """torch.stack, on a CPU into a pooled buffer (joining `staged`)."""
     if parts[0].is_cuda:
@@ -350,6 +365,7 @@ class _Capture:
         self._failed: HCacheError | None = None  # talking to hcached in a forward pass: raised at the block's end
         self._past = 0  # the length of the model's cache before the current pass
         self._start: list[int] | None = None  # per row, the tokens the model's cache held when the block began
+        self._generating: torch.Tensor | None = None  # generate()'s rows not finished at the current pass
         self._held: _Held | None = None
 
     def __enter__(self) -> _Capture:
@@ -413,6 +429,7 @@ class _Capture:
             self._start = self._cached_tokens(ids, mask)
         self._ids = ids
         self._mask = mask
+        self._generating = _generating_rows()
 
     def _cached_tokens(self, ids: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
         """Per row, the tokens the model's cache holds before this pass, its padding left out."""
@@ -468,6 +485,9 @@ class _Capture:
         tensors: dict[Key, torch.Tensor] = {"ids": ids.clone()}
         if self._mask is not None:
             tensors["mask"] = self._mask[:, -t:].bool()
+        if (generating := self._generating) is not None and generating.shape == (b,):
+            going = generating.bool()[:, None].expand(b, t)
+            tensors["mask"] = tensors["mask"] & going if "mask" in tensors else going
         staged: list[torch.Tensor] = []
         kv_stacked: dict[tuple[int, ...], Key | None] = {}  # per layer set: K/V of every row in one stack
         rows, nbytes = [], 0

@@ -416,3 +416,26 @@ def test_capture_refuses_a_cache_holding_more_than_its_context(hcached, context)
         else:
             assert client.stat("shorter").n_tokens == 5
             client.delete("shorter")
+
+
+def test_capture_saves_a_batch_row_only_until_generate_finishes_it(hcached):
+    """generate() feeds a row that has finished its end-of-sequence token and then padding, under a mask of ones,
+    until every row has: the row's context ends where its conversation does, as a single row's would."""
+    model = model_of("llama-gqa", "fp32")
+    ids = torch.cat([_prompt(26, 8), _prompt(27, 8)])
+    mask = torch.ones_like(ids)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    row0, row1 = free[0, 8:].tolist(), free[1, 8:].tolist()
+    # an end-of-sequence token for row 0 alone, a few tokens before the end
+    end = next(i for i in range(1, 6) if row0[i] not in row1 and row0[i] not in row0[:i])
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, ["finished", "going"], store="kv"):
+            seqs = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                  eos_token_id=row0[end])
+        assert torch.equal(client.tokens("finished"), seqs[0, : 8 + end])  # up to its end-of-sequence token
+        assert torch.equal(client.tokens("going"), seqs[1, :-1])
+        cache, _ = restore(model, client, "finished", method="kv")
+        following = torch.cat([seqs[:1, : 8 + end + 1], _prompt(28, 3)], 1)  # the next round of its conversation
+        assert torch.equal(_generate(model, following, cache)[0], _generate(model, following)[0])
+        client.delete("finished")
+        client.delete("going")
