@@ -433,10 +433,10 @@ class _Capture:
 
     def _cached_tokens(self, ids: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
         """Per row, the tokens the model's cache holds before this pass, its padding left out."""
-        if mask is None or self._past == 0:
+        if mask is None or self._past == 0 or mask.shape[1] != self._past + ids.shape[1]:
             return [self._past] * ids.shape[0]
         # A read of the mask waits for the device: once a block, before its first pass.
-        return mask[:, : mask.shape[1] - ids.shape[1]].sum(1).tolist()
+        return mask[:, : self._past].sum(1).tolist()
 
     def _settle(self) -> None:
         """Hand the held pass to the sender, without the tokens the model's cache has dropped since (a cache's

@@ -439,3 +439,18 @@ def test_capture_saves_a_batch_row_only_until_generate_finishes_it(hcached):
         assert torch.equal(_generate(model, following, cache)[0], _generate(model, following)[0])
         client.delete("finished")
         client.delete("going")
+
+
+def test_capture_takes_a_mask_of_the_new_tokens_alone_as_following_the_whole_cache(hcached):
+    """A forward pass on a restored cache given a mask of its own tokens only (models accept it): the cache's
+    length says where the new tokens go, not the mask's zero tokens before them."""
+    model = model_of("llama-gqa", "fp32")
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, "short-mask"):
+            first, _ = _generate(model, _prompt(29, 10), n=3)
+        cache, ids = restore(model, client, "short-mask")
+        more = _prompt(30, 4)
+        with capture(model, client, "short-mask"), torch.no_grad():
+            model(more, cache=cache, attention_mask=torch.ones_like(more), use_cache=True)
+        assert torch.equal(client.tokens("short-mask"), torch.cat([ids, more], 1)[0])
+        client.delete("short-mask")
