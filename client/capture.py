@@ -8,6 +8,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -213,14 +214,21 @@ class _Sender:
             self._unwoken = 0
             self.wake.put(True)
 
+    def drain(self) -> None:
+        """From the model's thread: wait until every pass queued is appended (or the sender has failed)."""
+        done = threading.Event()
+        self.wake.put(done)
+        done.wait()
+
     def _run(self) -> None:
-        # Waking at least every _MAX_DELAY_S bounds how long a queued pass waits.
-        more = True
-        while more:
+        # Waking at least every _MAX_DELAY_S bounds how long a queued pass waits. Woken with True (bytes are
+        # waiting), an Event (set once what is queued is appended) or False (the block ends).
+        woken: bool | threading.Event = True
+        while woken is not False:
             try:
-                more = self.wake.get(timeout=_MAX_DELAY_S)
+                woken = self.wake.get(timeout=_MAX_DELAY_S)
             except queue.Empty:
-                pass
+                woken = True
             taken = [self.passes.popleft() for _ in range(len(self.passes))]
             if taken and self.error is None:
                 try:
@@ -228,6 +236,8 @@ class _Sender:
                 except BaseException as e:  # raised to the caller when the capture block ends
                     self.error = e
                 self.stats.send_cpu_s = time.thread_time()
+            if isinstance(woken, threading.Event):
+                woken.set()
 
     def _append(self, passes: list[_Pass]) -> None:
         runs = [[passes[0]]]
@@ -355,7 +365,7 @@ class _Capture:
         self.geometry = geometry_of(model)
         self.fingerprint = fingerprint(model, model_id)
         self.stored: dict[str, _Stored] = {}
-        self._kept = torch.zeros(len(ctxs), dtype=torch.long, device=device)  # in the block
+        self._kept = torch.zeros(len(ctxs), dtype=torch.long, device=device)  # per row, in the segment
         self.stats = CaptureStats()
         self.sender = _Sender(client, device, self.stats)
         self._hidden: list[torch.Tensor | None] = [None] * len(self.layers)
@@ -364,7 +374,11 @@ class _Capture:
         self._handles: list = []
         self._failed: HCacheError | None = None  # talking to hcached in a forward pass: raised at the block's end
         self._past = 0  # the length of the model's cache before the current pass
-        self._start: list[int] | None = None  # per row, the tokens the model's cache held when the block began
+        # A segment: passes on one cache, each continuing the last. A pass on another cache (the block's first, or a
+        # generate() that prefills the conversation anew) starts one.
+        self._cache: weakref.ref | None = None  # the cache the last pass left
+        self._segment = False  # whether the current pass starts one
+        self._start: list[int] = []  # per row, the tokens the model's cache held when the segment began
         self._generating: torch.Tensor | None = None  # generate()'s rows not finished at the current pass
         self._held: _Held | None = None
 
@@ -425,8 +439,10 @@ class _Capture:
                              "DynamicCache")
         self._settle()
         self._past = cache.get_seq_length() if cache is not None else 0
-        if self._start is None:
+        self._segment = cache is None or self._cache is None or self._cache() is not cache
+        if self._segment:
             self._start = self._cached_tokens(ids, mask)
+            self._kept = torch.zeros_like(self._kept)
         self._ids = ids
         self._mask = mask
         self._generating = _generating_rows()
@@ -435,7 +451,7 @@ class _Capture:
         """Per row, the tokens the model's cache holds before this pass, its padding left out."""
         if mask is None or self._past == 0 or mask.shape[1] != self._past + ids.shape[1]:
             return [self._past] * ids.shape[0]
-        # A read of the mask waits for the device: once a block, before its first pass.
+        # A read of the mask waits for the device: once a segment, before its first pass.
         return mask[:, : self._past].sum(1).tolist()
 
     def _settle(self) -> None:
@@ -480,6 +496,7 @@ class _Capture:
             raise BadRequest("capture saves each token once, as the model's cache keeps it; a forward pass that keeps "
                              "no cache (use_cache=False) makes the next one process the same tokens again: call the "
                              "model, or generate, with use_cache=True")
+        self._cache = weakref.ref(cache)
         # Nothing here waits for the device (a read of ids or mask would stall a GPU's queue every step): ids and
         # masks travel with the pass, and rows are picked on the host by the sender.
         tensors: dict[Key, torch.Tensor] = {"ids": ids.clone()}
@@ -493,7 +510,12 @@ class _Capture:
         rows, nbytes = [], 0
         for row, ctx in enumerate(self.ctxs):
             try:
-                stored = self.stored.get(ctx) or self._open(ctx, row, t)
+                if ctx in self.stored:
+                    stored = self.stored[ctx]
+                    if self._segment:
+                        self._meet(ctx, row, self._length(ctx))
+                else:
+                    stored = self._open(ctx, row, t)
             except HCacheError as e:  # hcached down, a context of another model...: the generation goes on
                 self._failed = e
                 _STAGING.give(staged)
@@ -548,8 +570,7 @@ class _Capture:
         return key
 
     def _open(self, ctx: str, row: int, t: int) -> _Stored:
-        """Open the context of batch row `row`, whose conversation the model's cache holds `self._start[row]`
-        tokens of: the context must hold those; the model processing some of its tokens again is allowed."""
+        """Open the context of batch row `row`, and meet it with the model's cache."""
         if not self.client.connected:  # a forward pass does not wait connect_timeout for a daemon that is down
             raise DaemonUnreachable(f"capture could not save {ctx!r}: hcached is not connected (down, or restarting)")
         cached = self._start[row]
@@ -560,15 +581,31 @@ class _Capture:
             raise ContextChanged(f"the model's cache held {cached} tokens of row {row}'s conversation when capture "
                                  f"began, and hcached has no context {ctx!r} (evicted, or deleted?): the tokens before "
                                  "the block cannot be saved; capture the conversation from an empty cache") from None
-        if info.n_tokens < cached:
-            raise ContextChanged(f"the model's cache held {cached} tokens of row {row}'s conversation when capture "
-                                 f"began, context {ctx!r} holds {info.n_tokens}: the tokens between were never saved "
-                                 "(or were lost with an eviction or a restart of hcached); restore the context before "
-                                 f"generating, or delete {ctx!r} and capture the conversation from an empty cache")
-        if info.n_tokens > cached:
-            self.sender.overlaps[ctx] = _Overlap(cached, info.n_tokens)
+        self._meet(ctx, row, info.n_tokens)
         self.stored[ctx] = _Stored.of(info)
         return self.stored[ctx]
+
+    def _length(self, ctx: str) -> int:
+        """The context's length once every pass captured so far is appended: a generate() that starts anew in the
+        block waits for that, once."""
+        self.sender.drain()
+        if self.sender.error is not None:
+            raise HCacheError(f"capture stopped saving {ctx!r}: {self.sender.error}")
+        return self.client.stat(ctx).n_tokens
+
+    def _meet(self, ctx: str, row: int, n: int) -> None:
+        """At a segment's start, the context of row `row` holds `n` tokens and the model's cache `self._start[row]`
+        of its conversation: the context must hold those; the model processing some of its tokens again is allowed
+        (they are checked, and not saved twice)."""
+        cached = self._start[row]
+        if n < cached:
+            raise ContextChanged(f"the model's cache held {cached} tokens of row {row}'s conversation, context {ctx!r} "
+                                 f"holds {n}: the tokens between were never saved (or were lost with an eviction or a "
+                                 "restart of hcached); restore the context before generating, or delete "
+                                 f"{ctx!r} and capture the conversation from an empty cache")
+        self.sender.overlaps.pop(ctx, None)
+        if n > cached:
+            self.sender.overlaps[ctx] = _Overlap(cached, n)
 
     def _layers_to_store(self, t: int) -> dict[str, list[int]]:
         every = list(range(self.geometry.num_layers))

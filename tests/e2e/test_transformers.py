@@ -173,11 +173,11 @@ def test_capture_reports_its_passes_and_their_cost_on_the_forward_path(hcached):
     with HCacheClient(hcached.socket) as client:
         with capture(model, client, "stats", store="both") as stats:
             before = stats.hook_s
-            seqs, _ = _generate(model, ids, n=5)  # the prompt's pass and four decode steps
+            seqs, cache = _generate(model, ids, n=5)  # the prompt's pass and four decode steps
             assert stats.passes == 5 and stats.hook_s > before
-            model(seqs[:, -1:])  # a pass outside generate counts, also with autograd on
+            model(seqs[:, -1:], cache=cache, use_cache=True)  # a pass outside generate counts, also with autograd on
             with torch.inference_mode():
-                model(seqs[:, -1:])
+                model(seqs[:, -1:], cache=cache, use_cache=True)
             assert stats.passes == 7
         assert stats.send_cpu_s > 0  # the block's end sent what was held back
         model(ids)  # after the block nothing is captured
@@ -454,3 +454,18 @@ def test_capture_takes_a_mask_of_the_new_tokens_alone_as_following_the_whole_cac
             model(more, cache=cache, attention_mask=torch.ones_like(more), use_cache=True)
         assert torch.equal(client.tokens("short-mask"), torch.cat([ids, more], 1)[0])
         client.delete("short-mask")
+
+
+@pytest.mark.parametrize("on_its_cache", [True, False], ids=["on the model's cache", "prefilled anew"])
+def test_capture_of_two_rounds_in_one_block_saves_the_conversation_once(hcached, on_its_cache):
+    model = model_of("llama-mha", "fp32")
+    ctx = f"one-block-{on_its_cache}"
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, ctx):
+            first, cache = _generate(model, _round_ids(0, None), n=FIRST_ROUND_TOKENS)
+            second, _ = _generate(model, _round_ids(1, first), cache if on_its_cache else None)
+        assert torch.equal(client.tokens(ctx), second[0, :-1])
+        restored, _ = restore(model, client, ctx)
+        third = _round_ids(2, second)
+        assert torch.equal(_generate(model, third, restored)[0], _generate(model, third)[0])
+        client.delete(ctx)
