@@ -2,6 +2,7 @@
 
 import logging
 import time
+from collections import OrderedDict
 
 import msgpack
 
@@ -35,7 +36,10 @@ class Store:
         self.dirs = dirs
         self.index = index
         self.engine = engine
-        self.contexts: dict[bytes, Context] = {}
+        # Least recently accessed first, so that eviction and the TTL never sort them (a host holds 100k and more).
+        self.contexts: OrderedDict[bytes, Context] = OrderedDict()
+        self.pinned: dict[bytes, Context] = {}
+        self.touched: dict[bytes, Context] = {}  # accessed since the evictor last wrote access times to the index
         self.leases = Leases(cfg.lease_timeout)
         self.cache = ChunkCache(arena, dirs, engine, backpressure_s=cfg.lease_timeout, read_throttle=cfg.read_throttle)
         self.space = Space(cfg, dirs, engine)
@@ -56,11 +60,13 @@ class Store:
     def load(self) -> None:
         """Rebuild the in-memory state from the index; chunks past a context's durable length are dropped."""
         rows, chunks = self.index.load()
-        for row in rows:
+        for row in sorted(rows, key=lambda r: r.accessed):
             meta = msgpack.unpackb(row.meta, raw=False)
             ctx = Context(row.key, row.namespace, row.ctx_id, row.model, Geometry.from_dict(meta["geometry"]),
                           meta["layers"], row.created, row.accessed, row.pinned, row.n_tokens, row.n_tokens)
             self.contexts[row.key] = ctx
+            if ctx.pinned:
+                self.pinned[ctx.key] = ctx
         stale: set[bytes] = set()
         for ch in chunks:
             ctx = self.contexts.get(ch.ctx)
@@ -77,7 +83,6 @@ class Store:
             first = (ctx.n_tokens + CHUNK_TOKENS - 1) // CHUNK_TOKENS if ctx else 0
             for ref in self.index.drop_chunks_from(key, first):
                 self.dirs[ref.dir].give_back(ref)
-        self.evictor.loaded(self.contexts.values())
         log.info("index loaded: %d contexts, %d chunks", len(self.contexts), len(chunks))
 
     def reset(self) -> None:
@@ -88,6 +93,8 @@ class Store:
                 for c in s.chunks:
                     self.cache.drop(c)
         self.contexts.clear()
+        self.pinned.clear()
+        self.touched.clear()
         self.flusher.queue.clear()
         for d in self.dirs:
             d.free_all()
@@ -127,6 +134,8 @@ class Store:
                 return
             ctx.deleted = True
             self.contexts.pop(ctx.key, None)
+            self.pinned.pop(ctx.key, None)
+            self.touched.pop(ctx.key, None)
             freed = await self.index.delete_context(ctx.key)
         await self.space.release(freed)
         for s in ctx.streams:
@@ -138,11 +147,22 @@ class Store:
         """A pinned context is never evicted (capacity, TTL or 'hcachectl evict'); rm still removes it."""
         await self.index.set_pinned(ctx.key, pinned)
         ctx.pinned = pinned
+        if pinned and not ctx.deleted:
+            self.pinned[ctx.key] = ctx
+        else:
+            self.pinned.pop(ctx.key, None)
+
+    def touch(self, ctx: Context) -> None:
+        """Record an access (a save or a read): the context goes last in eviction order."""
+        ctx.accessed = time.time()
+        if not ctx.deleted:
+            self.contexts.move_to_end(ctx.key)
+            self.touched[ctx.key] = ctx
 
     def _check_fits(self, ctx: Context, n_tokens: int) -> None:
         """Refuse at once a save that could never be stored, even with everything unpinned evicted."""
         need = sum(s.image_size * len(chunk_range(0, n_tokens)) for s in ctx.streams)
-        pinned = sum(other.disk_bytes for other in self.contexts.values() if other.pinned and other is not ctx)
+        pinned = sum(other.disk_bytes for other in self.pinned.values() if other is not ctx)
         room = self.space.capacity() - pinned
         if need > room:
             raise WireError(OVER_CAPACITY, f"context {ctx.ctx_id!r} would need {format_size(need)} on disk with "
@@ -181,7 +201,7 @@ class Store:
             if c.n_tokens == CHUNK_TOKENS:
                 self.flusher.add(c)
         ctx.n_tokens = lease.end
-        ctx.accessed = time.time()
+        self.touch(ctx)
         ctx.writer = None
         self.bytes_saved += sum(s.token_bytes for s in ctx.streams) * (lease.end - lease.start)
         self.cache.unpin(lease.chunks)
@@ -217,7 +237,7 @@ class Store:
         started = time.perf_counter()
         await self.cache.make_resident(chunks)
         self.restore_latency.observe(time.perf_counter() - started)
-        ctx.accessed = time.time()
+        self.touch(ctx)
         self.bytes_restored += sum(s.token_bytes for s in picked) * (end - start)
         return self.leases.add("read", owner, ctx, chunks, start, end)
 
@@ -261,10 +281,11 @@ class Store:
                 await self.cache.progress.wait()
 
     async def close(self) -> None:
-        """Clean stop: everything committed becomes durable."""
+        """Clean stop: everything committed becomes durable, and when contexts were last read is recorded."""
         await self.flush(list(self.contexts.values()))
         await self.flusher.stop()
         await self.space.drain()
+        await self.evictor.persist_access()
 
     def placement(self, ctx: Context) -> dict:
         """Where a context's chunks are: per stream on disk and in the arena; per data dir the bytes it takes."""
@@ -282,8 +303,8 @@ class Store:
         return {"placement": streams, "disk_bytes": per_dir, "expires": expires}
 
     def dirty_bytes(self) -> int:
-        return sum(c.stream.image_size for ctx in self.contexts.values() if ctx.dirty
-                   for s in ctx.streams for c in s.chunks if c.dirty)
+        """Arena bytes of chunks waiting to be flushed: a dirty chunk is always resident."""
+        return sum(c.stream.image_size for c in self.cache.lru if c.dirty and not c.stream.ctx.deleted)
 
     def status(self) -> dict:
         cfg = self.cfg
@@ -306,7 +327,7 @@ class Store:
             "log_level": cfg.log_level,
             "maintenance": self.maintenance,
             "contexts": len(self.contexts),
-            "pinned": sum(1 for c in self.contexts.values() if c.pinned),
+            "pinned": len(self.pinned),
             "leases": len(self.leases),
             "evictions": dict(self.evictor.counts),
             "bytes_saved": self.bytes_saved,

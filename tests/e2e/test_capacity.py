@@ -108,6 +108,24 @@ def test_evict_until_free_frees_at_least_that_much_lru_first(daemon_factory):
         assert _names(c) == {"c0"}
 
 
+@pytest.mark.parametrize("restart", [False, True])
+def test_reads_make_contexts_recently_used_also_across_a_clean_restart(daemon_factory, restart):
+    d = daemon_factory(slab_size=SLABS, extra=["--capacity", "8MiB"])
+    with HCacheClient(d.socket) as c:
+        for i in range(4):
+            _save(c, f"c{i}", seed=i)
+        for name in ("c0", "c2"):  # read after all were saved
+            c.restore(name, "hidden", [0])
+    if restart:  # sooner than the evictor writes read accesses to the index on its own (every 10 s)
+        d.stop()
+        d.start()
+    with HCacheClient(d.socket) as c:
+        free = c.status()["free"]
+    r = _ctl(d, "--json", "evict", "--until-free", str(free + 3 * MIB // 2))  # room for two contexts' worth
+    assert r.returncode == 0, r.stderr
+    assert [name for _, name in json.loads(r.stdout)["evicted"]] == ["c1", "c3"]
+
+
 def test_ttl_expires_contexts_not_accessed_but_never_pinned_ones(daemon_factory):
     d = daemon_factory(slab_size=SLABS, extra=["--ttl", "1s"])
     with HCacheClient(d.socket) as c:
