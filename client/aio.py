@@ -25,6 +25,9 @@ from hcache.layout.paths import client_endpoint
 T = TypeVar("T")
 _LEASE_BYTES = 64 << 20
 _READS_IN_FLIGHT = 3  # keeps the disks busy while earlier pieces are copied out
+# Contexts whose description and length a client keeps, most recently used: a serving process meets millions over
+# its life, and an append continues from the length its client last saw (an evicted one is asked for again).
+_REMEMBERED = 1 << 16
 
 
 class AsyncHCacheClient:
@@ -35,7 +38,7 @@ class AsyncHCacheClient:
         self.namespace = namespace
         self.local = transport.endpoint.startswith("ipc://")
         self._remapping = asyncio.Lock()
-        self._info: dict[str, ContextInfo] = {}
+        self._info: collections.OrderedDict[str, ContextInfo] = collections.OrderedDict()
         self._gpus: dict[torch.device, GpuCopier] = {}
         self._attach(hello)
 
@@ -124,8 +127,13 @@ class AsyncHCacheClient:
         return self._remember(reply)
 
     def _remember(self, reply: dict) -> ContextInfo:
-        info = ContextInfo.from_reply(reply)
+        return self._note(ContextInfo.from_reply(reply))
+
+    def _note(self, info: ContextInfo) -> ContextInfo:
         self._info[info.id] = info
+        self._info.move_to_end(info.id)
+        if len(self._info) > _REMEMBERED:
+            self._info.popitem(last=False)
         return info
 
     async def stat(self, ctx: str) -> ContextInfo:
@@ -133,7 +141,9 @@ class AsyncHCacheClient:
         return self._remember(reply)
 
     async def _known(self, ctx: str) -> ContextInfo:
-        return self._info.get(ctx) or await self.stat(ctx)
+        if ctx in self._info:
+            return self._note(self._info[ctx])
+        return await self.stat(ctx)
 
     async def list(self) -> list[ContextInfo]:
         reply, _ = await self._call("list", ns=self.namespace)
@@ -191,7 +201,7 @@ class AsyncHCacheClient:
         step = self._tokens_per_lease(info)
         for start in range(0, n, step):
             await self._append_piece(ctx, [s[start : start + step] for s in per_stream])
-        return self._info[ctx].n_tokens
+        return (await self._known(ctx)).n_tokens
 
     def _tokens_per_lease(self, info: ContextInfo) -> int:
         per_chunk = sum(chunk_image_size(info.token_bytes(rep)) for _, rep in info.streams)
@@ -202,13 +212,14 @@ class AsyncHCacheClient:
         """Append one piece where this client last saw the context end: after a restart of hcached, again in its
         new arena, unless the context no longer ends there (ContextChanged)."""
         n = pieces[0].shape[0]
-        at = self._info[ctx].n_tokens
+        info = await self._known(ctx)
+        at = info.n_tokens
         if not self.local:
             frames = [memoryview(np.ascontiguousarray(p)).cast("B") for p in pieces]
             reply, _ = await self._call("append", frames, ns=self.namespace, ctx=ctx, n=n, at=at, inline=True)
         else:
             reply = await self._in_arena(lambda arena: self._append_leased(arena, ctx, n, at, pieces))
-        self._info[ctx] = dataclasses.replace(self._info[ctx], n_tokens=reply["n_tokens"])
+        self._note(dataclasses.replace(info, n_tokens=reply["n_tokens"]))
 
     async def _append_leased(self, arena: ArenaMap, ctx: str, n: int, at: int, pieces: list[np.ndarray]) -> dict:
         lease, _ = await self._leased(arena, "append", ns=self.namespace, ctx=ctx, n=n, at=at)

@@ -78,6 +78,23 @@ def test_contexts_are_separate_and_deletable(daemon):
         assert_restores(c, "b", b)
 
 
+def test_a_client_remembers_a_bounded_number_of_contexts_and_appends_to_the_others_all_the_same(daemon, monkeypatch):
+    from hcache.client import aio
+
+    monkeypatch.setattr(aio, "_REMEMBERED", 2)  # a serving process meets millions of contexts over its life
+    gen = torch.Generator().manual_seed(3)
+    contexts = {name: Expected(geometry(MHA, "float32")) for name in ("a", "b", "c")}
+    with HCacheClient(daemon.socket) as c:
+        for rnd in range(2):
+            for name, exp in contexts.items():  # each append continues one the client has forgotten since
+                if rnd == 0:
+                    c.open(name, model="tiny", geometry=exp.geometry, layers=exp.layers)
+                c.append(name, *exp.round(40, gen))
+            assert len(c._aio._info) == 2
+        for name, exp in contexts.items():
+            assert_restores(c, name, exp)
+
+
 def test_arena_smaller_than_the_data_applies_backpressure(daemon_factory, engine):
     """A 16 MiB arena still takes 40 MiB of saves: dirty chunks flush, clean ones make room."""
     d = daemon_factory(engine=engine, dram="16MiB")
