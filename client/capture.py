@@ -588,6 +588,8 @@ class _Capture:
     def _length(self, ctx: str) -> int:
         """The context's length once every pass captured so far is appended: a generate() that starts anew in the
         block waits for that, once."""
+        if not self.client.connected:  # as in _open: no forward pass waits connect_timeout
+            raise DaemonUnreachable(f"capture could not save {ctx!r}: hcached is not connected (down, or restarting)")
         self.sender.drain()
         if self.sender.error is not None:
             raise HCacheError(f"capture stopped saving {ctx!r}: {self.sender.error}")

@@ -469,3 +469,23 @@ def test_capture_of_two_rounds_in_one_block_saves_the_conversation_once(hcached,
         third = _round_ids(2, second)
         assert torch.equal(_generate(model, third, restored)[0], _generate(model, third)[0])
         client.delete(ctx)
+
+
+def test_a_generate_starting_anew_after_hcached_went_down_does_not_wait_for_it(daemon_factory):
+    from hcache.client import DaemonUnreachable
+
+    model = model_of("llama-gqa", "fp32")
+    d = daemon_factory()
+    with HCacheClient(d.socket, connect_timeout=8) as client:
+        with pytest.raises(DaemonUnreachable), capture(model, client, "gone"):
+            first, _ = _generate(model, _round_ids(0, None), n=FIRST_ROUND_TOKENS)
+            d.stop()
+            deadline = time.monotonic() + 10
+            while client.connected:
+                assert time.monotonic() < deadline, "the client never saw hcached go"
+                time.sleep(0.01)
+            start = time.monotonic()
+            second, _ = _generate(model, _round_ids(1, first))  # a new cache: the context is looked up again
+            generated = time.monotonic() - start
+        assert generated < 6  # no forward pass waited the 8 s connect_timeout
+        assert torch.equal(second, _generate(model, _round_ids(1, first))[0])
