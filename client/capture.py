@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import queue
 import sys
 import threading
@@ -23,6 +24,7 @@ from hcache.client.sync import HCacheClient
 from hcache.layout.geometry import Rep
 
 STORE_CHOICES = ("plan", "hidden", "kv", "both")
+log = logging.getLogger("hcache.client")
 
 
 # Held-back passes are bounded in host memory and in age; leaving the block sends the rest. An append costs the
@@ -381,6 +383,7 @@ class _Capture:
         self._start: list[int] = []  # per row, the tokens the model's cache held when the segment began
         self._generating: torch.Tensor | None = None  # generate()'s rows not finished at the current pass
         self._held: _Held | None = None
+        self._elsewhere = False  # the model ran in another thread during the block
 
     def __enter__(self) -> _Capture:
         self.sender.start()
@@ -398,6 +401,7 @@ class _Capture:
 
         def own(*args: object) -> None:
             if threading.get_ident() != owner:
+                self._elsewhere = True
                 return
             start = time.perf_counter()
             try:
@@ -410,6 +414,10 @@ class _Capture:
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
+        if self._elsewhere and not self.stats.passes:
+            log.warning("capture of %s saved nothing: the model ran only in other threads during the block, and a "
+                        "block captures the forward passes of the thread that opened it; open it in the thread that "
+                        "calls generate() (with a streamer, in the generation thread's target)", self.ctxs)
         self._settle()
         self.sender.close()
         if self.sender.error is not None or self._failed is not None:

@@ -489,3 +489,19 @@ def test_a_generate_starting_anew_after_hcached_went_down_does_not_wait_for_it(d
             generated = time.monotonic() - start
         assert generated < 6  # no forward pass waited the 8 s connect_timeout
         assert torch.equal(second, _generate(model, _round_ids(1, first))[0])
+
+
+def test_capture_warns_when_the_model_ran_only_in_another_thread(hcached, caplog):
+    """The streaming pattern (generate() in a thread of its own, the block around it in the caller's) saves nothing:
+    the block says so rather than end as if it had saved the conversation."""
+    import threading
+
+    model = model_of("llama-gqa", "fp32")
+    with HCacheClient(hcached.socket) as client:
+        with caplog.at_level("WARNING", logger="hcache.client"), capture(model, client, "elsewhere"):
+            worker = threading.Thread(target=_generate, args=(model, _prompt(31, 6)), kwargs={"n": 3})
+            worker.start()
+            worker.join()
+        assert "saved nothing" in caplog.text and "other threads" in caplog.text
+        with pytest.raises(UnknownContext):
+            client.stat("elsewhere")
