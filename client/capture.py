@@ -505,6 +505,11 @@ class _Capture:
                              "no cache (use_cache=False) makes the next one process the same tokens again: call the "
                              "model, or generate, with use_cache=True")
         self._cache = weakref.ref(cache)
+        try:
+            contexts = self._contexts(t)
+        except HCacheError as e:  # hcached down, a context of another model...: the generation goes on
+            self._failed = e
+            return
         # Nothing here waits for the device (a read of ids or mask would stall a GPU's queue every step): ids and
         # masks travel with the pass, and rows are picked on the host by the sender.
         tensors: dict[Key, torch.Tensor] = {"ids": ids.clone()}
@@ -516,18 +521,7 @@ class _Capture:
         staged: list[torch.Tensor] = []
         kv_stacked: dict[tuple[int, ...], Key | None] = {}  # per layer set: K/V of every row in one stack
         rows, nbytes = [], 0
-        for row, ctx in enumerate(self.ctxs):
-            try:
-                if ctx in self.stored:
-                    stored = self.stored[ctx]
-                    if self._segment:
-                        self._meet(ctx, row, self._length(ctx))
-                else:
-                    stored = self._open(ctx, row, t)
-            except HCacheError as e:  # hcached down, a context of another model...: the generation goes on
-                self._failed = e
-                _STAGING.give(staged)
-                return
+        for row, (ctx, stored) in enumerate(zip(self.ctxs, contexts, strict=True)):
             select: dict[str, Key] = {}
             if layers := stored.hidden:
                 key = ("hidden", layers)
@@ -577,10 +571,27 @@ class _Capture:
         tensors[key] = torch.stack(per_layer)
         return key
 
+    def _contexts(self, t: int) -> list[_Stored]:
+        """Each row's context. At a segment's start they are opened (the block's first pass) or looked up again once
+        what the block captured so far is appended, and met with the model's cache."""
+        if not self._segment:
+            return [self.stored[ctx] for ctx in self.ctxs]
+        if not self.client.connected:  # a forward pass does not wait connect_timeout for a daemon that is down
+            raise DaemonUnreachable(f"capture could not save {self.ctxs}: hcached is not connected (down, or "
+                                    "restarting)")
+        if self.stored:
+            self.sender.drain()
+            if self.sender.error is not None:
+                raise HCacheError(f"capture stopped saving {self.ctxs}: {self.sender.error}")
+        for row, ctx in enumerate(self.ctxs):
+            if ctx in self.stored:
+                self._meet(ctx, row, self.client.stat(ctx).n_tokens)
+            else:
+                self.stored[ctx] = self._open(ctx, row, t)
+        return [self.stored[ctx] for ctx in self.ctxs]
+
     def _open(self, ctx: str, row: int, t: int) -> _Stored:
         """Open the context of batch row `row`, and meet it with the model's cache."""
-        if not self.client.connected:  # a forward pass does not wait connect_timeout for a daemon that is down
-            raise DaemonUnreachable(f"capture could not save {ctx!r}: hcached is not connected (down, or restarting)")
         cached = self._start[row]
         try:
             info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry,
@@ -590,18 +601,7 @@ class _Capture:
                                  f"began, and hcached has no context {ctx!r} (evicted, or deleted?): the tokens before "
                                  "the block cannot be saved; capture the conversation from an empty cache") from None
         self._meet(ctx, row, info.n_tokens)
-        self.stored[ctx] = _Stored.of(info)
-        return self.stored[ctx]
-
-    def _length(self, ctx: str) -> int:
-        """The context's length once every pass captured so far is appended: a generate() that starts anew in the
-        block waits for that, once."""
-        if not self.client.connected:  # as in _open: no forward pass waits connect_timeout
-            raise DaemonUnreachable(f"capture could not save {ctx!r}: hcached is not connected (down, or restarting)")
-        self.sender.drain()
-        if self.sender.error is not None:
-            raise HCacheError(f"capture stopped saving {ctx!r}: {self.sender.error}")
-        return self.client.stat(ctx).n_tokens
+        return _Stored.of(info)
 
     def _meet(self, ctx: str, row: int, n: int) -> None:
         """At a segment's start, the context of row `row` holds `n` tokens and the model's cache `self._start[row]`
