@@ -67,19 +67,22 @@ def restored_round(chat: Chat, client: HCacheClient, ids: torch.Tensor, method: 
     n = ctx_ids.shape[1]
     if not torch.equal(ids[:, :n], ctx_ids):
         raise SystemExit(f"demo: the restored context ({n} tokens) is not a prefix of the conversation")
-    first, cache = chat.generate(torch.cat([ctx_ids, ids[:, n:]], 1), cache, n=1)
-    t2 = time.perf_counter()
-    seq, _ = chat.generate(first, cache, n=NEW_TOKENS - 1)
-    return seq, {"restored": n, "new": ids.shape[1] - n, "restore_ms": (t1 - t0) * 1e3, "ttft_ms": (t2 - t0) * 1e3}
+    seq, ttft_s = reply(chat, torch.cat([ctx_ids, ids[:, n:]], 1), cache, t0)
+    return seq, {"restored": n, "new": ids.shape[1] - n, "restore_ms": (t1 - t0) * 1e3, "ttft_ms": ttft_s * 1e3}
 
 
 def prefilled_round(chat: Chat, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The conversation continued without hcache: the model prefills all of it again; (sequence, timings)."""
-    t0 = time.perf_counter()
-    first, cache = chat.generate(ids, n=1)
-    t1 = time.perf_counter()
+    seq, ttft_s = reply(chat, ids, None, time.perf_counter())
+    return seq, {"restored": 0, "new": ids.shape[1], "restore_ms": 0.0, "ttft_ms": ttft_s * 1e3}
+
+
+def reply(chat: Chat, ids: torch.Tensor, cache: object, t0: float) -> tuple[torch.Tensor, float]:
+    """Generate the reply to `ids` on `cache`; (sequence, seconds from t0 to its first token)."""
+    first, cache = chat.generate(ids, cache, n=1)
+    ttft_s = time.perf_counter() - t0
     seq, _ = chat.generate(first, cache, n=NEW_TOKENS - 1)
-    return seq, {"restored": 0, "new": ids.shape[1], "restore_ms": 0.0, "ttft_ms": (t1 - t0) * 1e3}
+    return seq, ttft_s
 
 
 def show_reply(text: str) -> None:
