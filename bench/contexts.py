@@ -7,12 +7,11 @@ import asyncio
 import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from report import git_info, host_info, run_and_save, subplots
+from report import git_info, host_info, log, run_and_save, subplots
 
 from hcache.client import AsyncHCacheClient
 from hcache.daemon.process import DaemonProcess
@@ -24,9 +23,6 @@ LEVELS = (1_000, 10_000, 50_000, 100_000)
 OPENS_IN_FLIGHT = 64
 SAMPLE_S = 3.0  # of each request kind, per level
 
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args() -> argparse.Namespace:

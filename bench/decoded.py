@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import git_info, host_info, run_and_save, subplots
-from restore import DRAM, GEOMETRIES, Hcached, build_model, device_slug, log, random_ids, synchronizer, timed
+from report import git_info, host_info, log, run_and_save, subplots
+from restore import DRAM, GEOMETRIES, Hcached, build_model, device_slug, random_ids, synchronizer, timed
 
 from hcache.client import HCacheClient
 from hcache.transformers import capture, restore

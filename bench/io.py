@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import git_info, host_info, run_and_save, subplots
+from report import git_info, host_info, log, run_and_save, subplots
 
 from hcache.client import HCacheClient
 from hcache.daemon.process import DaemonProcess
@@ -39,9 +39,6 @@ GB = 1e9
 GOALS = {"save_vs_disk": 0.9, "cold_restore_vs_disk": 0.9, "warm_restore_vs_memcpy": 0.5}
 CTX = "bench"
 
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args() -> argparse.Namespace:

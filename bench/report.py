@@ -16,6 +16,11 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def log(msg: str) -> None:
+    """A progress line on stderr: stdout carries the summary, or the one JSON object of --json."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
 def host_info(directory: Path) -> dict:
     """CPU, memory, kernel, Python and torch versions, and the file system holding `directory`."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -69,5 +74,5 @@ def run_and_save(directory: Path, prefix: str, measure: Callable[[Path], dict], 
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=110)
     plt.close(fig)
-    print(f"[bench] wrote {RESULTS / name}.json and .png", file=sys.stderr, flush=True)
+    log(f"wrote {RESULTS / name}.json and .png")
     return result

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 import transformers
-from report import git_info, host_info, run_and_save, subplots
+from report import git_info, host_info, log, run_and_save, subplots
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
@@ -76,9 +75,6 @@ TBT_STORES = ("plan", "both")  # capture_tbt_overhead is the first's: capture as
 GOALS = {"projection_vs_recompute": 6.0, "auto_vs_best_single": 0.95, "auto_vs_best_single_balanced": 1.0,
          "capture_tbt_overhead": 0.02}
 
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args() -> argparse.Namespace:
