@@ -25,7 +25,7 @@ def plan(
                                                     "which default compute rate (default: cuda)")] = None,
     passes: Annotated[int, typer.Option(min=1, help="forward passes that built the context: an exact restore "
                                                    "projects and recomputes pass by pass, so each decode step is "
-                                                   "one (default: one prefill, or restore(exact=False))")] = 1,
+                                                   "one (default: one pass, as restore() runs by default)")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
     """Plan a restore: per layer recompute (RE), project hidden states (H) or read K/V (KV), fastest first."""

@@ -56,14 +56,15 @@ def choose_methods(info: ContextInfo, method: str, passes: int = 1, device: str 
 
 def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str = "auto",
             model_id: str | None = None, profile: Profile | None = None,
-            exact: bool = True) -> tuple[object, torch.Tensor]:
+            exact: bool = False) -> tuple[object, torch.Tensor]:
     """A transformers cache holding context `ctx`, and its tokens as a LongTensor [1, n]; continue with
     model.generate(torch.cat([token_ids, new_ids], 1), cache=cache).
 
-    `exact` projects and recomputes in the model's own forward passes, so the cache is the model's to the bit; a
-    context it decoded token by token then costs a projection (H) or a forward (RE) per token and layer. With
-    exact=False they run over all tokens in one pass, as a re-prefill does: tokens the model did not see in one
-    pass come back equal up to rounding. K/V reads are exact either way; the planner costs what will run."""
+    Projection (H) and recompute (RE) run over all tokens in one pass, as a re-prefill does, so a restore never
+    costs more than prefilling the context again: tokens the model did not see in one pass (decode steps, later
+    rounds) come back equal up to rounding, as a re-prefill's would. `exact=True` redoes the model's own forward
+    passes instead, so the cache is the model's to the bit; a context it decoded token by token then costs a
+    projection or a forward per token and layer. K/V reads are exact either way; the planner costs what will run."""
     from hcache.client.projection import build_cache, fingerprint, geometry_of
 
     if method not in METHODS:
