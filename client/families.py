@@ -10,7 +10,7 @@ from torch import nn
 from hcache.client.errors import UnsupportedModel
 
 KV = tuple[torch.Tensor, torch.Tensor]
-Rope = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+Rotate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (K, cos, sin) -> rotated K
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -29,6 +29,15 @@ def _k_norm(layer: nn.Module, x: torch.Tensor) -> KV:
     h = layer.input_layernorm(x)
     # Qwen3 normalises the keys per head before the transpose, as its attention does.
     k = attn.k_norm(attn.k_proj(h).view(*h.shape[:-1], -1, attn.head_dim)).transpose(1, 2)
+    return k, _heads(attn.v_proj(h), attn.head_dim)
+
+
+def _phi(layer: nn.Module, x: torch.Tensor) -> KV:
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    k = _heads(attn.k_proj(h), attn.head_dim)
+    if attn.qk_layernorm:  # after the transpose, as Phi's attention does (Qwen3's k_norm runs before it)
+        k = attn.k_layernorm(k)
     return k, _heads(attn.v_proj(h), attn.head_dim)
 
 
@@ -61,6 +70,8 @@ class Family:
     attn: str  # the attention module's attribute on a decoder layer
     kv: Callable[[nn.Module, torch.Tensor], KV]  # (layer, layer input [B, T, D]) -> K, V [B, n_kv, T, head_dim]
     rope: bool  # K gets the model's rotary embedding (base_model.rotary_emb)
+    # The attention itself, not its apply_rotary_pos_emb, rotates only K's first attn.rotary_ndims dims.
+    partial: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -70,6 +81,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("layers", "self_attn", _k_norm, True),
     "gemma": Family("layers", "self_attn", _separate, True),
     "gemma2": Family("layers", "self_attn", _separate, True),
+    "phi": Family("layers", "self_attn", _phi, True, partial=True),
     "phi3": Family("layers", "self_attn", _fused_qkv, True),
     "opt": Family("decoder.layers", "self_attn", _opt, False),
     "gpt2": Family("h", "attn", _gpt2, False),
@@ -96,6 +108,19 @@ def family_of(model: nn.Module) -> Family:
     return family
 
 
-def rope_of(attn: nn.Module) -> Rope:
-    """The apply_rotary_pos_emb the attention module's own modeling file calls."""
-    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+def rotate_of(family: Family, attn: nn.Module) -> Rotate:
+    """K rotated as the attention module rotates it, by the apply_rotary_pos_emb its own modeling file calls."""
+    apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # apply_rotary_pos_emb rotates (q, k) independently; an empty q costs no kernels.
+        return apply(k[:, :0], k, cos, sin)[1]
+
+    if not family.partial:
+        return rotate
+    n = attn.rotary_ndims
+
+    def rotate_share(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return torch.cat((rotate(k[..., :n], cos, sin), k[..., n:]), dim=-1)
+
+    return rotate_share

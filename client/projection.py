@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from hcache.client.families import KV, family_of, rope_of
+from hcache.client.families import KV, family_of, rotate_of
 from hcache.client.layout import geometry_dtype
 from hcache.layout.geometry import Geometry
 
@@ -79,7 +79,7 @@ class Projector:
         self.layers = decoder_layers(model)
         self.devices = [next(layer.parameters()).device for layer in self.layers]
         attns = [getattr(layer, self.family.attn) for layer in self.layers]
-        self.rotate = [rope_of(attn) for attn in attns] if self.family.rope else None
+        self.rotate = [rotate_of(self.family, attn) for attn in attns] if self.family.rope else None
 
     def __call__(self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor, rope: KV | None = None) -> KV:
         """K, V [B, n_kv, T, head_dim] of `layer` from its input hidden state [B, T, D] at positions [B, T]: see
@@ -91,8 +91,7 @@ class Projector:
             k, v = self.family.kv(self.layers[layer], hidden)
             if self.rotate is not None:
                 cos, sin = rope if rope is not None else rope_tables(self.model, hidden, position_ids)
-                # The family's apply_rotary_pos_emb rotates (q, k) independently; an empty q costs no kernels.
-                _, k = self.rotate[layer](k[:, :0], k, cos.to(k.device), sin.to(k.device))
+                k = self.rotate[layer](k, cos.to(k.device), sin.to(k.device))
         return k, v
 
 

@@ -35,6 +35,9 @@ CONFIGS = {
     "gemma": lambda: tf.GemmaConfig(**_BASE, head_dim=16),
     "gemma2": lambda: tf.Gemma2Config(**_BASE, head_dim=16, sliding_window=32),
     "phi3": lambda: tf.Phi3Config(**_BASE, pad_token_id=0, partial_rotary_factor=0.5),
+    # Phi-2's share of rotated dims (0.4 of a head, here 6 of 16); the GQA shape also normalises q and k.
+    "phi-mha": lambda: tf.PhiConfig(**{**_BASE, "num_key_value_heads": 4}, partial_rotary_factor=0.4),
+    "phi-gqa": lambda: tf.PhiConfig(**_BASE, partial_rotary_factor=0.4, qk_layernorm=True),
     "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                                 vocab_size=VOCAB, max_position_embeddings=256, word_embed_proj_dim=64),
     "opt-350m-style": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
@@ -153,6 +156,8 @@ def test_geometry() -> None:
     assert geometry_of(model_of("llama-gqa", "fp32")) == Geometry(3, 64, 2, 16, "float32")
     assert geometry_of(model_of("llama-mha", "bf16")) == Geometry(3, 64, 4, 16, "bfloat16")
     assert geometry_of(model_of("phi3", "fp32")) == Geometry(3, 64, 2, 16, "float32")
+    assert geometry_of(model_of("phi-mha", "bf16")) == Geometry(3, 64, 4, 16, "bfloat16")
+    assert geometry_of(model_of("phi-gqa", "fp32")) == Geometry(3, 64, 2, 16, "float32")
     assert geometry_of(model_of("gpt2", "bf16")) == Geometry(3, 64, 4, 16, "bfloat16")
     assert geometry_of(model_of("opt-350m-style", "fp32")) == Geometry(3, 64, 4, 16, "float32")
     assert len(decoder_layers(model_of("opt", "fp32"))) == 3
