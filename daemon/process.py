@@ -15,11 +15,14 @@ from hcache.layout import wire
 
 
 class DaemonProcess:
-    """One hcached: start, stop (SIGTERM), kill (SIGKILL) and restart on the same state and data dirs."""
+    """One hcached: start, stop (SIGTERM), kill (SIGKILL) and restart on the same state and data dirs.
+
+    command runs hcached (default: this interpreter's hcache.cli.hcached), e.g. an installed hcached script."""
 
     def __init__(self, root: Path, n_dirs: int = 1, engine: str = "auto", dram: str = "128MiB",
-                 slab_size: str = "16MiB", extra: list[str] | None = None) -> None:
+                 slab_size: str = "16MiB", extra: list[str] | None = None, command: list[str] | None = None) -> None:
         self.root = root
+        self.command = command or [sys.executable, "-m", "hcache.cli.hcached"]
         self.state_dir = root / "state"
         self.data_dirs = [root / f"data{i}" for i in range(n_dirs)]
         # ipc paths are limited to ~107 bytes: keep the socket in a short directory of its own
@@ -36,8 +39,8 @@ class DaemonProcess:
     def start(self, timeout: float = 20.0) -> "DaemonProcess":
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hcache.cli.hcached", *self.args], stdout=log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen([*self.command, *self.args], stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
