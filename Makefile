@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test demo bench gpu-wheels lint clean
+.PHONY: venv test demo bench dist gpu-wheels lint clean
 
 venv: $(BIN)/.installed
 
@@ -26,6 +26,11 @@ demo: venv
 bench: venv
 	$(BIN)/python bench/io.py
 
+# The sdist, and the wheel built from it, into dist/ (distribution hcache-kv; the import name is hcache).
+dist: venv
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
 # What a lent GPU machine (Python 3.12, torch, uvloop, msgpack, typer; no network) lacks, for bench/gpu-run.sh.
 GPU_WHEELS := pyzmq==27.3.0 liburing==2026.3.30 crc32c==2.9.post0 transformers==5.24.0
 gpu-wheels:
@@ -38,4 +43,4 @@ lint: venv
 	$(BIN)/python -m ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info
