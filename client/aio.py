@@ -136,8 +136,9 @@ class AsyncHCacheClient:
             self._info.popitem(last=False)
         return info
 
-    async def stat(self, ctx: str) -> ContextInfo:
-        reply, _ = await self._call("stat", ns=self.namespace, ctx=ctx)
+    async def stat(self, ctx: str, detail: bool = False) -> ContextInfo:
+        """What hcached holds of `ctx`; with `detail`, where its chunks are too (`raw["placement"]`)."""
+        reply, _ = await self._call("stat", ns=self.namespace, ctx=ctx, **({"detail": True} if detail else {}))
         return self._remember(reply)
 
     async def _known(self, ctx: str) -> ContextInfo:

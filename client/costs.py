@@ -22,6 +22,10 @@ DEVICES = ("cuda", "cpu")
 ASSUMED_FLOPS = {"cuda": 100e12, "cpu": 0.5e12}
 ASSUMED_BANDWIDTH = 2e9  # bytes/s: one NVMe SSD (hcached measured 1.3-2.9 GB/s on its reference host)
 ASSUMED_LATENCY = 100e-6  # seconds per read request: a ZeroMQ round trip plus queueing
+ASSUMED_ARENA_BANDWIDTH = 10e9  # bytes/s: a read of chunks already in hcached's arena is a memory copy
+# A read request costs about a millisecond besides its bytes (lease, copy, release through the daemon): restore
+# reads small layers several to a request, up to this many bytes, so a short context is not all request overhead.
+READ_BYTES = 4 << 20
 # seconds a layer's projection costs per call beyond its FLOPs (kernel launches, framework overhead); a
 # recompute runs some 8x as many kernels (norms, Q, K, V, O, attention, MLP, residuals)
 ASSUMED_CALL = {"cuda": 20e-6, "cpu": 100e-6}
@@ -45,10 +49,13 @@ class Profile:
     geometry: Geometry
     c_h: tuple[float, ...]  # (a, b): a·T + b
     c_tok: tuple[float, ...]  # (a, b, c): a·T² + b·T + c
-    io: tuple[float, ...]  # (seconds per byte, seconds per read request)
+    io: tuple[float, ...]  # reads from disk: (seconds per byte, seconds per read request)
     device: str = "cuda"
     source: str = "analytical"  # or "measured"
     samples: dict[str, list[list[float]]] = field(default_factory=dict)  # measured (x, seconds) per cost
+    io_arena: tuple[float, ...] = ()  # reads of chunks in hcached's arena, as io; () where unmeasured: as disk
+    # Of one context to restore: the share of its hidden states' and of its K/V's chunks in the arena.
+    resident: tuple[float, float] = (0.0, 0.0)
 
     @property
     def fingerprint(self) -> str:
@@ -65,11 +72,19 @@ class Profile:
         if tokens == 0:
             return LayerCosts(0.0, 0.0, 0.0, 0.0)
         t = float(tokens)
+        arena = self.io_arena or self.io
 
-        def read(rep: Rep) -> float:
-            return _poly(self.io, t * self.geometry.token_bytes(rep))
+        def read(rep: Rep, share: float) -> float:
+            nbytes = t * self.geometry.token_bytes(rep)
+            per_request = max(1, READ_BYTES // int(nbytes))  # layers one request carries: they share its latency
 
-        return LayerCosts(_poly(self.c_h, t), _poly(self.c_tok, t), read(Rep.HIDDEN), read(Rep.KV))
+            def seconds(io: tuple[float, ...]) -> float:
+                return max(io[0] * nbytes + io[1] / per_request, 0.0)
+
+            return share * seconds(arena) + (1 - share) * seconds(self.io)
+
+        hidden, kv = self.resident
+        return LayerCosts(_poly(self.c_h, t), _poly(self.c_tok, t), read(Rep.HIDDEN, hidden), read(Rep.KV, kv))
 
     def for_passes(self, passes: int) -> Profile:
         """The costs of restoring a context the model built in `passes` forward passes: exact restores project
@@ -79,10 +94,18 @@ class Profile:
         per_pass = (*self.c_h[:-1], self.c_h[-1] * passes), (*self.c_tok[:-1], self.c_tok[-1] * passes)
         return dataclasses.replace(self, c_h=per_pass[0], c_tok=per_pass[1])
 
+    def for_resident(self, hidden: float, kv: float) -> Profile:
+        """The costs of restoring a context with these shares of its hidden states' and K/V's chunks in hcached's
+        arena: those are read at the arena's rate, the rest from disk."""
+        if not (0 <= hidden <= 1 and 0 <= kv <= 1):
+            raise ValueError(f"resident shares must be within 0..1, got {hidden}, {kv}")
+        return dataclasses.replace(self, resident=(hidden, kv))
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": PROFILE_VERSION, "fingerprint": self.fingerprint, "source": self.source,
                 "device": self.device, "geometry": self.geometry.to_dict(), "c_h": list(self.c_h),
-                "c_tok": list(self.c_tok), "io": list(self.io), "samples": self.samples}
+                "c_tok": list(self.c_tok), "io": list(self.io), "samples": self.samples,
+                **({"io_arena": list(self.io_arena)} if self.io_arena else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Profile:
@@ -92,7 +115,8 @@ class Profile:
         if device not in DEVICES:
             raise ValueError(f"profile device {device!r} is not one of {DEVICES}")
         return cls(Geometry.from_dict(d.get("geometry")), _coefficients(d, "c_h", 2), _coefficients(d, "c_tok", 3),
-                   _coefficients(d, "io", 2), device, str(d.get("source", "measured")), dict(d.get("samples", {})))
+                   _coefficients(d, "io", 2), device, str(d.get("source", "measured")), dict(d.get("samples", {})),
+                   _coefficients(d, "io_arena", 2) if "io_arena" in d else ())
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -143,7 +167,8 @@ def analytical_profile(geometry: Geometry, *, device: str = "cuda", flops: float
     per_token = 4 * d * d + 4 * d * kv_dim + 6 * d * inter
     call = ASSUMED_CALL[device]
     return Profile(geometry, c_h=(4 * d * kv_dim / rate, call), c_tok=(2 * d / rate, per_token / rate, 8 * call),
-                   io=(1 / bandwidth, latency), device=device, source="analytical")
+                   io=(1 / bandwidth, latency), device=device, source="analytical",
+                   io_arena=(1 / ASSUMED_ARENA_BANDWIDTH, latency))
 
 
 def geometry_from_config(config: Mapping[str, Any], dtype: str | None = None) -> Geometry:

@@ -33,7 +33,7 @@ def profile(model: torch.nn.Module, client: HCacheClient, T_values: Sequence[int
     sync = torch.cuda.synchronize if param.device.type == "cuda" else _no_sync
     vocab = model.get_input_embeddings().num_embeddings
     token_counts = sorted(set(T_values))
-    samples: dict[str, list[list[float]]] = {"c_h": [], "c_tok": [], "io": []}
+    samples: dict[str, list[list[float]]] = {"c_h": [], "c_tok": [], "io": [], "io_arena": []}
     project = Projector(model)
     with torch.inference_mode():
         for t in token_counts:
@@ -44,10 +44,11 @@ def profile(model: torch.nn.Module, client: HCacheClient, T_values: Sequence[int
             samples["c_h"].append([t, _time(partial(project, 0, hidden, positions, rope), repeats, sync)])
             everything = partial(recompute_prefix, model, ids, geometry.num_layers)
             samples["c_tok"].append([t, _time(everything, repeats, sync) / geometry.num_layers])
-    samples["io"] = _time_reads(client, geometry, param.dtype, token_counts, repeats,
-                                min(io_layers, geometry.num_layers))
+    samples["io"], samples["io_arena"] = _time_reads(client, geometry, param.dtype, token_counts, repeats,
+                                                     min(io_layers, geometry.num_layers))
     result = Profile(geometry, c_h=_fit(samples["c_h"], 2), c_tok=_fit(samples["c_tok"], 3),
-                     io=_fit(samples["io"], 2), device=param.device.type, source="measured", samples=samples)
+                     io=_fit(samples["io"], 2), device=param.device.type, source="measured", samples=samples,
+                     io_arena=_fit(samples["io_arena"], 2))
     if save:
         save_profile(result)
     return result
@@ -71,9 +72,9 @@ def _time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> f
 
 
 def _time_reads(client: HCacheClient, geometry: Geometry, dtype: torch.dtype, token_counts: list[int],
-                repeats: int, n_layers: int) -> list[list[float]]:
-    """(bytes, median seconds) of single-layer reads of hidden states and K/V from disk, of a context made for it
-    and dropped from the daemon's memory before each read."""
+                repeats: int, n_layers: int) -> tuple[list[list[float]], list[list[float]]]:
+    """(bytes, median seconds) of single-layer reads of hidden states and K/V of a context made for it: from disk
+    (dropped from the daemon's memory before each read), and again right after, from the daemon's arena."""
     ctx = f"hcache-profile-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     layers = list(range(n_layers))
     n = max(token_counts)
@@ -83,17 +84,19 @@ def _time_reads(client: HCacheClient, geometry: Geometry, dtype: torch.dtype, to
         data = {name: torch.randn(n_layers, n, *shape).to(dtype) for name, shape in item.items()}
         client.append(ctx, torch.randint(1000, (n,)), data)
         client.flush(ctx)
-        out = []
+        disk, arena = [], []
         for t, (name, rep) in itertools.product(token_counts, (("hidden", Rep.HIDDEN), ("kv", Rep.KV))):
             buffer = torch.empty(1, t, *item[name], dtype=dtype)
-            times = []
+            times: dict[str, list[float]] = {"disk": [], "arena": []}
             for layer in itertools.islice(itertools.cycle(layers), repeats * n_layers):
-                client.flush(ctx, drop=True)  # restores read the disk, not the daemon's memory
-                start = time.perf_counter()
-                client.restore(ctx, name, [layer], 0, t, buffer)
-                times.append(time.perf_counter() - start)
-            out.append([t * geometry.token_bytes(rep), statistics.median(times)])
-        return out
+                client.flush(ctx, drop=True)  # the first read is from disk, the second from the daemon's memory
+                for where in ("disk", "arena"):
+                    start = time.perf_counter()
+                    client.restore(ctx, name, [layer], 0, t, buffer)
+                    times[where].append(time.perf_counter() - start)
+            disk.append([t * geometry.token_bytes(rep), statistics.median(times["disk"])])
+            arena.append([t * geometry.token_bytes(rep), statistics.median(times["arena"])])
+        return disk, arena
     finally:
         client.delete(ctx)
 

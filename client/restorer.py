@@ -10,7 +10,7 @@ import threading
 
 import torch
 
-from hcache.client.costs import Profile
+from hcache.client.costs import READ_BYTES, Profile
 from hcache.client.errors import BadRequest, ModelMismatch
 from hcache.client.gil import responsive
 from hcache.client.layout import ContextInfo
@@ -20,9 +20,6 @@ from hcache.layout.geometry import Rep
 METHODS = ("auto", "hidden", "kv", "recompute")
 _READS_IN_FLIGHT = 3
 _READ_AHEAD_BYTES = 1 << 30  # read but not yet used: on a GPU, device memory
-# A read request costs about a millisecond besides its bytes (lease, copy, release through the daemon): small
-# layers are read several to a request, up to this many bytes, so a short context is not all request overhead.
-_READ_BYTES = 4 << 20
 _REP = {"H": "hidden", "KV": "kv"}
 
 
@@ -30,7 +27,8 @@ def choose_methods(info: ContextInfo, method: str, passes: int = 1, device: str 
                    profile: Profile | None = None) -> list[str]:
     """Per layer "RE", "H" or "KV": one method for all, or the planner's fastest plan over what is stored, for a
     context the model built in `passes` forward passes, restored on `device` (costs: `profile`, else this host's
-    measured profile, else the analytical one)."""
+    measured profile, else the analytical one; reads of chunks in hcached's arena at its rate when `info` says
+    where they are)."""
     n = info.geometry.num_layers
     have = {"H": set(info.layers.get("hidden", [])), "KV": set(info.layers.get("kv", []))}
     if method == "recompute":
@@ -50,8 +48,20 @@ def choose_methods(info: ContextInfo, method: str, passes: int = 1, device: str 
 
 
     available = [{code for code in ("H", "KV") if i in have[code]} for i in range(n)]
-    profile = (profile or profile_for(info.geometry, device)).for_passes(passes)
+    profile = (profile or profile_for(info.geometry, device)).for_passes(passes).for_resident(*_resident(info))
     return plan(info.geometry, info.n_tokens, available=available, profile=profile).methods
+
+
+def _resident(info: ContextInfo) -> tuple[float, float]:
+    """The share of the context's hidden-state and of its K/V chunks in hcached's arena, from a detailed stat (none
+    counted as resident without one)."""
+    counts = {"hidden": [0, 0], "kv": [0, 0]}
+    for stream in info.raw.get("placement", []):
+        if stream["rep"] in counts:
+            counts[stream["rep"]][0] += stream["in_arena"]
+            counts[stream["rep"]][1] += stream["chunks"]
+    (h, h_all), (kv, kv_all) = counts.values()
+    return h / h_all if h_all else 0.0, kv / kv_all if kv_all else 0.0
 
 
 def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str = "auto",
@@ -69,7 +79,7 @@ def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str 
 
     if method not in METHODS:
         raise BadRequest(f"method={method!r}: use one of {METHODS}")
-    info = client.stat(ctx)
+    info = client.stat(ctx, detail=method == "auto")  # where its chunks are: the planner's read costs
     want = fingerprint(model, model_id)
     if info.model != want or info.geometry != geometry_of(model):
         raise ModelMismatch(f"context {ctx!r} was saved by model {info.model} ({info.geometry}); this model is "
@@ -95,7 +105,7 @@ def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: Conte
     methods = choose_methods(info, method, len(passes), device.type, profile)
     r = methods.count("RE")
     layer_bytes = n * max(info.geometry.token_bytes(Rep.HIDDEN), info.geometry.token_bytes(Rep.KV))
-    pending = collections.deque(_read_groups(methods, r, max(1, _READ_BYTES // layer_bytes)))
+    pending = collections.deque(_read_groups(methods, r, max(1, READ_BYTES // layer_bytes)))
     first = {i: g[0] for g in pending for i in g}  # each layer's group, by its first layer
     reads: dict[int, concurrent.futures.Future] = {}  # by first layer: started, not yet used up
     # The plan has the reads stream from time 0, the recompute prefix meanwhile: a finished read starts the next

@@ -102,8 +102,9 @@ class HCacheClient:
     def tokens_and_passes(self, ctx: str, end: int | None = None) -> tuple[torch.Tensor, list[int]]:
         return self._run(self._aio.tokens_and_passes(ctx, end))
 
-    def stat(self, ctx: str) -> ContextInfo:
-        return self._run(self._aio.stat(ctx))
+    def stat(self, ctx: str, detail: bool = False) -> ContextInfo:
+        """What hcached holds of `ctx`; with `detail`, where its chunks are too (`raw["placement"]`)."""
+        return self._run(self._aio.stat(ctx, detail))
 
     def list(self) -> list[ContextInfo]:
         return self._run(self._aio.list())

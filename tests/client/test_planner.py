@@ -229,3 +229,28 @@ def test_contexts_built_by_many_decode_steps_plan_fewer_recomputes():
     assert decoded.methods.count("KV") > one_pass.methods.count("KV")
     assert decoded.methods.count("H") < one_pass.methods.count("H")
     assert decoded.makespan <= min(p.makespan for p in decoded.baselines().values() if p is not None)
+
+
+def test_reads_of_chunks_in_the_arena_cost_the_arena_rate():
+    """A context hcached holds in memory is read at the arena's rate: where reads from a slow disk make recomputing
+    the first layers pay, reading every layer from the arena is faster still."""
+    slow_disk = Profile(GQA, c_h=(1e-7, 0.0), c_tok=(0.0, 1e-4, 0.0), io=(1 / 0.2e9, 0.0), device="cpu",
+                        io_arena=(1 / 10e9, 0.0))
+    stored = [{"KV"}] * 32
+    cold = plan(GQA, 1024, profile=slow_disk, available=stored)
+    warm = plan(GQA, 1024, profile=slow_disk.for_resident(1.0, 1.0), available=stored)
+    assert cold.recompute_prefix > 0
+    assert warm.methods == ["KV"] * 32 and warm.makespan < cold.makespan / 10
+    half = slow_disk.for_resident(0.0, 0.5).costs(1024)
+    assert half.io_kv == pytest.approx((slow_disk.costs(1024).io_kv + warm.profile.costs(1024).io_kv) / 2)
+    assert half.io_h == slow_disk.costs(1024).io_h  # no hidden state resident
+    assert Profile.from_dict(json.loads(json.dumps(slow_disk.to_dict()))) == slow_disk
+    with pytest.raises(ValueError, match="within 0..1"):
+        slow_disk.for_resident(1.5, 0.0)
+
+
+def test_small_layers_share_a_read_requests_latency():
+    """restore() reads small layers several to a request (up to 4 MiB): the planner charges each its share."""
+    latency_only = Profile(GQA, c_h=(0.0, 0.0), c_tok=(0.0, 0.0, 0.0), io=(0.0, 1e-3))
+    assert latency_only.costs(64).io_kv == pytest.approx(1e-3 / 16)  # 4 KiB a token: 256 KiB a layer
+    assert latency_only.costs(4096).io_kv == pytest.approx(1e-3)  # 16 MiB: a request of its own

@@ -112,7 +112,8 @@ def test_real_profile_of_a_tiny_model(daemon_factory):
     assert all(c >= 0 for c in (*p.c_h, *p.c_tok, *p.io))
     for t in (32, 128, 1024):
         assert all(cost > 0 for cost in _values(p.costs(t)))
-    assert len(p.samples["io"]) == 6 and len(p.samples["c_tok"]) == 3
+    assert len(p.samples["io"]) == len(p.samples["io_arena"]) == 6 and len(p.samples["c_tok"]) == 3
+    assert len(p.io_arena) == 2 and all(c >= 0 for c in p.io_arena)
     assert load_profile(p.fingerprint) == p
     with pytest.raises(ValueError, match="3 distinct"):
         profile(model, client, (64, 64, 128))
