@@ -160,9 +160,9 @@ def test_auto_plans_for_the_passes_it_will_run(hcached, monkeypatch):
         # A layer's K/V read takes 3 s, its hidden states 1.5 s; recompute takes 100 s.
         profile = Profile(geometry, c_h=(0.0, 1.0), c_tok=(0.0, 0.0, 100.0),
                           io=(3.0 / (n * geometry.token_bytes(Rep.KV)), 0.0), device="cpu", source="measured")
-        restore(model, client, ctx, profile=profile)
+        restore(model, client, ctx, profile=profile, exact=True)
         assert projected == []
-        restore(model, client, ctx, profile=profile, exact=False)
+        restore(model, client, ctx, profile=profile)  # one pass, the default
         assert projected and set(projected) == {n}
         client.delete(ctx)
 
