@@ -374,6 +374,7 @@ class _Capture:
         self._ids: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._handles: list = []
+        self._layer_hooks: dict[int, object] = {}  # per layer whose input the block takes: its hook's handle
         self._failed: HCacheError | None = None  # talking to hcached in a forward pass: raised at the block's end
         self._past = 0  # the length of the model's cache before the current pass
         # A segment: passes on one cache, each continuing the last. A pass on another cache (the block's first, or a
@@ -390,7 +391,7 @@ class _Capture:
         own = self._own
         self._handles.append(self.model.register_forward_pre_hook(own(self._on_model_input), with_kwargs=True))
         for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(own(self._layer_hook(i)), with_kwargs=True))
+            self._layer_hooks[i] = layer.register_forward_pre_hook(own(self._layer_hook(i)), with_kwargs=True)
         self._handles.append(self.model.register_forward_hook(own(self._on_model_output), with_kwargs=True))
         return self
 
@@ -412,7 +413,7 @@ class _Capture:
         return own
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
+        for h in [*self._handles, *self._layer_hooks.values()]:
             h.remove()
         if self._elsewhere and not self.stats.passes:
             log.warning("capture of %s saved nothing: the model ran only in other threads during the block, and a "
@@ -493,7 +494,7 @@ class _Capture:
         failure to open a context, nothing more: the block ends with its error, not the model's forward."""
         ids, hidden = self._ids, self._hidden
         self._hidden = [None] * len(self.layers)
-        if ids is None or any(h is None for h in hidden) or self._failed is not None:
+        if ids is None or any(hidden[i] is None for i in self._layer_hooks) or self._failed is not None:
             return
         b, t = ids.shape
         if b != len(self.ctxs):
@@ -510,6 +511,7 @@ class _Capture:
         except HCacheError as e:  # hcached down, a context of another model...: the generation goes on
             self._failed = e
             return
+        self._unhook_unneeded(contexts, cache)
         # Nothing here waits for the device (a read of ids or mask would stall a GPU's queue every step): ids and
         # masks travel with the pass, and rows are picked on the host by the sender.
         tensors: dict[Key, torch.Tensor] = {"ids": ids.clone()}
@@ -538,6 +540,15 @@ class _Capture:
         self._kept += tensors["mask"].sum(1) if "mask" in tensors else t
         self._held = _Held(_Pass(tensors, rows, nbytes, staged), cache, self._past)
         self.stats.passes += 1
+
+    def _unhook_unneeded(self, contexts: list[_Stored], cache: object) -> None:
+        """Stop taking the inputs of layers that no context stores as hidden states, once the contexts are known:
+        each hooked layer costs its call a Python hook (30 of them are 1% of a small model's decode step). A
+        sliding-window layer keeps its hook: its K/V may have to be projected from its input."""
+        sliding = getattr(cache, "is_sliding", None) or [True] * len(self.layers)
+        needed = {i for c in contexts for i in c.hidden} | {i for i, s in enumerate(sliding) if s}
+        for i in [i for i in self._layer_hooks if i not in needed]:
+            self._layer_hooks.pop(i).remove()
 
     @staticmethod
     def _stack_kv(tensors: dict[Key, torch.Tensor], cache: object, layers: tuple[int, ...], t: int,
