@@ -158,3 +158,30 @@ def test_auto_over_the_planned_store_continues_the_chat_across_sigkill(smollm2, 
     with HCacheClient(hcached.socket) as client:
         assert torch.equal(client.tokens("chat-plan")[None], want2[:, :-1])
         client.delete("chat-plan")
+
+
+# The default restore's distance from the model's own cache on a decoded chat (fp32), as bench/trace.py measures it
+# over ShareGPT conversations: rounding, orders of magnitude below the values themselves.
+ONE_PASS_BOUND = 1e-3
+
+
+def test_default_restore_of_a_decoded_chat_is_the_models_cache_up_to_rounding(smollm2, hcached, conversation):
+    """Round 1's reply was decoded a token a step; the default restore (one pass for hidden and recompute) gives
+    K/V within ONE_PASS_BOUND of the model's own cache, the K/V read gives them bit for bit."""
+    model, tokenizer = smollm2
+    ids1, want1 = conversation[0]
+    with HCacheClient(hcached.socket) as client:
+        with capture(model, client, "chat-fidelity", store="both"):
+            got, own = _generate(model, tokenizer, ids1)
+        assert torch.equal(got, want1)
+        for method in METHODS:
+            cache, _ = restore(model, client, "chat-fidelity", method=method)
+            diff = max(float((a - b).abs().max()) for mine, theirs in zip(cache.layers, own.layers, strict=True)
+                       for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)))
+            if method == "kv":
+                assert diff == 0, method
+            elif method == "auto":  # the plan may read K/V (exact) or project and recompute (one pass)
+                assert diff <= ONE_PASS_BOUND, (method, diff)
+            else:
+                assert 0 < diff <= ONE_PASS_BOUND, (method, diff)  # not zero: one pass, not the decode steps
+        client.delete("chat-fidelity")
