@@ -71,9 +71,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-budget", type=int, default=2, help="conversations whose KV cache the engine keeps (LRU)")
     p.add_argument("--conversations", type=int, default=200, help="most conversations drawn from the data")
     p.add_argument("--min-rounds", type=int, default=2, help="draw only conversations of this many rounds or more")
-    p.add_argument("--max-rounds", type=int, default=6, help="rounds served of one conversation at most")
+    p.add_argument("--max-rounds", type=int, default=8, help="rounds served of one conversation at most")
     p.add_argument("--max-user-tokens", type=int, default=256, help="a user turn is cut to this many tokens")
-    p.add_argument("--max-reply-tokens", type=int, default=96,
+    p.add_argument("--max-reply-tokens", type=int, default=128,
                    help="a reply is cut to this many tokens (and to the data's reply length)")
     p.add_argument("--max-context", type=int, default=2048, help="a conversation ends before it grows past this")
     p.add_argument("--budget-s", type=float, default=660.0, help="no new round starts after this many seconds")
