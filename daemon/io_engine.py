@@ -7,16 +7,29 @@ import errno
 import logging
 import mmap
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import cache
 from typing import Protocol
 
 log = logging.getLogger("hcache.daemon.io")
 
 _PROBE_SIZE = 4096
 _PROBE_TIMEOUT_S = 5.0
+# Run by uring_binding_problem in a child process; a crash there should leave no core file behind.
+_BINDING_CHECK = """
+import resource
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+from liburing import Ring, io_uring_queue_exit, io_uring_queue_init
+ring = Ring()
+io_uring_queue_init(8, ring)
+io_uring_queue_exit(ring)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +89,9 @@ async def fdatasync_all(loop: asyncio.AbstractEventLoop, pool: Executor, fds: It
 async def open_engine(kind: str, loop: asyncio.AbstractEventLoop, probe_dir: str) -> IoEngine:
     """Open the IO engine `kind` ("auto", "io_uring" or "threads") bound to `loop`; await it on `loop`.
 
-    io_uring is accepted only after a 4 KiB write+read round trip through the loop on a temp file in
-    `probe_dir`; "auto" falls back to threads (logging why), a forced "io_uring" raises RuntimeError.
+    io_uring is accepted only after the liburing binding ran in a child process (uring_binding_problem)
+    and a 4 KiB write+read round trip went through the loop on a temp file in `probe_dir`; "auto" falls
+    back to threads (logging why), a forced "io_uring" raises RuntimeError.
     """
     from .thread_engine import ThreadEngine  # here: the engine modules import this one
 
@@ -85,16 +99,42 @@ async def open_engine(kind: str, loop: asyncio.AbstractEventLoop, probe_dir: str
         return ThreadEngine(loop)
     if kind not in ("auto", "io_uring"):
         raise ValueError(f'unknown io_engine {kind!r}: expected "auto", "io_uring" or "threads"')
+    reason = await loop.run_in_executor(None, uring_binding_problem)
+    cause: Exception | None = None
+    if reason is None:
+        try:
+            return await _open_uring(loop, probe_dir)
+        except Exception as exc:
+            reason, cause = f"{type(exc).__name__}: {exc}", exc
+    if kind == "io_uring":
+        raise RuntimeError(
+            f'io_uring engine unavailable ({reason}); io_engine = "threads" is the alternative'
+        ) from cause
+    log.warning("io_uring unavailable, using the thread-pool IO engine: %s", reason)
+    return ThreadEngine(loop)
+
+
+@cache
+def uring_binding_problem() -> str | None:
+    """Why the liburing binding cannot run here (None if it can), found once per process in a child process."""
+    # The binding's native code can die of a signal (SIGILL on CPUs lacking instructions its wheel was
+    # built for), which would kill this process rather than raise, so it first runs where that is harmless.
     try:
-        return await _open_uring(loop, probe_dir)
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        if kind == "io_uring":
-            raise RuntimeError(
-                f'io_uring engine unavailable ({reason}); io_engine = "threads" is the alternative'
-            ) from exc
-        log.warning("io_uring unavailable, using the thread-pool IO engine: %s", reason)
-        return ThreadEngine(loop)
+        child = subprocess.run([sys.executable, "-c", _BINDING_CHECK], capture_output=True, text=True,
+                               errors="replace", timeout=_PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"the liburing binding did not set up a ring within {_PROBE_TIMEOUT_S:g} s in a probe process"
+    except OSError as exc:
+        return f"could not start a probe process for the liburing binding: {exc}"
+    if child.returncode == -signal.SIGILL:
+        return ("the liburing binding crashed with SIGILL on this CPU "
+                "(its binary uses instructions this processor lacks)")
+    if child.returncode < 0:
+        return f"the liburing binding crashed with {signal.Signals(-child.returncode).name} in a probe process"
+    if child.returncode:
+        last = child.stderr.strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
+        return f"the liburing binding failed in a probe process: {last[0]}"
+    return None
 
 
 async def _open_uring(loop: asyncio.AbstractEventLoop, probe_dir: str) -> IoEngine:

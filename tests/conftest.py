@@ -5,12 +5,21 @@ from pathlib import Path
 
 import pytest
 
+from hcache.daemon.io_engine import uring_binding_problem
 from hcache.daemon.process import DaemonProcess
 
 
 @pytest.fixture(params=["io_uring", "threads"])
 def engine(request: pytest.FixtureRequest) -> str:
+    if request.param == "io_uring" and (problem := uring_binding_problem()):
+        pytest.skip(f"io_uring cannot run here: {problem}")
     return request.param
+
+
+@pytest.fixture
+def auto_engine() -> str:
+    """The engine io_engine = "auto" picks on this machine: io_uring unless its binding cannot run here."""
+    return "threads" if uring_binding_problem() else "io_uring"
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ def _ctl(*args: str) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-def test_status_human_and_json(daemon_factory):
+def test_status_human_and_json(daemon_factory, auto_engine):
     d = daemon_factory(n_dirs=2)
     exp = Expected(geometry(MHA, "float32"))
     with HCacheClient(d.socket) as c:
@@ -28,14 +28,14 @@ def test_status_human_and_json(daemon_factory):
         c.flush()
     human = _ctl("--socket", d.socket, "status")
     assert human.returncode == 0, human.stderr
-    assert "io engine  io_uring" in human.stdout
+    assert f"io engine  {auto_engine}" in human.stdout
     for dd in d.data_dirs:
         assert str(dd) in human.stdout
     assert "O_DIRECT" in human.stdout and "contexts   1" in human.stdout
     js = _ctl("--socket", d.socket, "--json", "status")
     assert js.returncode == 0, js.stderr
     s = json.loads(js.stdout)
-    assert s["engine"] == "io_uring" and s["contexts"] == 1
+    assert s["engine"] == auto_engine and s["contexts"] == 1
     assert [x["path"] for x in s["data_dirs"]] == [str(p) for p in d.data_dirs]
     assert sum(x["used"] for x in s["data_dirs"]) > 0 and s["arena"]["dirty"] == 0
 

@@ -17,12 +17,15 @@ from typing import TypeVar
 import pytest
 import uvloop
 
-from hcache.daemon.io_engine import IoBatchError, IoEngine, IoOp, open_engine
+from hcache.daemon import io_engine
+from hcache.daemon.io_engine import IoBatchError, IoEngine, IoOp, open_engine, uring_binding_problem
 from hcache.daemon.thread_engine import ThreadEngine
-from hcache.daemon.uring_engine import UringEngine
+from hcache.daemon.uring_engine import UringEngine  # importing is safe; building a Ring is what can crash
 
 KIB = 1024
-ENGINES = ["io_uring", "threads"]
+URING_PROBLEM = uring_binding_problem()
+needs_uring = pytest.mark.skipif(URING_PROBLEM is not None, reason=f"io_uring cannot run here: {URING_PROBLEM}")
+ENGINES = [pytest.param("io_uring", marks=needs_uring), "threads"]
 T = TypeVar("T")
 
 
@@ -239,12 +242,13 @@ def test_fdatasync(kind: str, data_dir: Path) -> None:
             os.close(fd)
 
 
-def test_auto_picks_io_uring_here(data_dir: Path) -> None:
+def test_auto_picks_io_uring_where_its_binding_runs(data_dir: Path, auto_engine: str) -> None:
     async def body(engine: IoEngine) -> IoEngine:
         return engine
 
     engine = run_with("auto", data_dir, body)
-    assert isinstance(engine, UringEngine) and engine.name == "io_uring"
+    assert isinstance(engine, UringEngine if URING_PROBLEM is None else ThreadEngine)
+    assert engine.name == auto_engine
     assert list(data_dir.iterdir()) == []  # the probe file is gone
 
 
@@ -269,3 +273,39 @@ def test_failed_probe_falls_back_or_raises(tmp_path: Path, caplog: pytest.LogCap
         run_with("io_uring", missing, body)
     with pytest.raises(ValueError):
         run_with("spdk", missing, body)
+
+
+_DIES_OF_SIGILL = """
+import os, resource, signal
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+os.kill(os.getpid(), signal.SIGILL)
+"""
+
+
+@pytest.fixture
+def crashing_binding(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The binding probe's verdict where liburing dies of SIGILL: this machine's, else from a child made to die so."""
+    if URING_PROBLEM is not None:
+        if "SIGILL" not in URING_PROBLEM:
+            pytest.skip(f"the liburing binding fails here, but not with SIGILL: {URING_PROBLEM}")
+        yield URING_PROBLEM
+        return
+    monkeypatch.setattr(io_engine, "_BINDING_CHECK", _DIES_OF_SIGILL)
+    uring_binding_problem.cache_clear()
+    yield uring_binding_problem()
+    uring_binding_problem.cache_clear()  # the next caller probes the real binding again
+
+
+def test_a_binding_that_crashes_means_threads_or_an_error(
+    data_dir: Path, crashing_binding: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(engine: IoEngine) -> IoEngine:
+        return engine
+
+    assert "crashed with SIGILL on this CPU" in crashing_binding
+    with caplog.at_level(logging.WARNING, logger="hcache.daemon.io"):
+        assert isinstance(run_with("auto", data_dir, body), ThreadEngine)
+    assert f"io_uring unavailable, using the thread-pool IO engine: {crashing_binding}" in caplog.text
+    with pytest.raises(RuntimeError, match="crashed with SIGILL") as error:
+        run_with("io_uring", data_dir, body)
+    assert crashing_binding in str(error.value) and 'io_engine = "threads"' in str(error.value)
