@@ -79,7 +79,7 @@ class ChunkCache:
     def drop(self, chunk: Chunk) -> None:
         """Give a chunk's arena space back (it stays on disk, if it was ever flushed)."""
         if chunk.arena_off is not None:
-            self.arena.free(chunk.arena_off, chunk.stream.image_size)
+            self.arena.free(chunk.arena_off, chunk.image_size)
             chunk.arena_off = None
         self.lru.pop(chunk, None)
 
@@ -116,10 +116,10 @@ class ChunkCache:
         op_dirs: list[DataDir] = []
         try:
             for c in chunks:
-                self.place(c, await self.alloc(c.stream.image_size))
+                self.place(c, await self.alloc(c.image_size))
                 if c.disk is not None:
                     d = self.dirs[c.disk.dir]
-                    view = self.arena.view[c.arena_off : c.arena_off + c.stream.image_size]
+                    view = self.arena.view[c.arena_off : c.arena_off + c.image_size]
                     ops.append(IoOp(d.fd(c.disk), view, d.offset(c.disk)))
                     op_dirs.append(d)
             self.misses += len(ops)
@@ -160,22 +160,19 @@ class ChunkCache:
             self._verify(c)
 
     def _verify(self, c: Chunk) -> None:
-        s = c.stream
-        image = self.arena.view[c.arena_off : c.arena_off + s.image_size]
+        image = self.arena.view[c.arena_off : c.arena_off + c.image_size]
         try:
-            header = verify_image(image, s.ctx.key, s.layer, c.idx, s.rep)
+            header = verify_image(image, c.header_key, c.layer, c.idx, c.rep)
             if header.n_tokens < c.n_tokens:
                 raise ChunkFormatError(f"chunk holds {header.n_tokens} tokens, the index expects {c.n_tokens}")
         except ChunkFormatError as e:
             self.dirs[c.disk.dir].errors += 1
-            log.error("corrupt chunk: context %s layer %d chunk %d in %s: %s", s.ctx.ctx_id, s.layer, c.idx,
-                      self.dirs[c.disk.dir].path, e)
-            raise WireError(CORRUPT, f"context {s.ctx.ctx_id!r}, layer {s.layer}, chunk {c.idx}: {e}; "
-                                     "this chunk cannot be restored (delete the context, or run "
+            log.error("corrupt chunk: %s in %s: %s", c.label, self.dirs[c.disk.dir].path, e)
+            raise WireError(CORRUPT, f"{c.label}: {e}; this chunk cannot be restored (delete the context, or run "
                                      "'hcachectl fsck')") from None
 
     def unpin(self, chunks: list[Chunk]) -> None:
         for c in chunks:
             c.pins -= 1
-            if c.stream.ctx.deleted and not c.pins and not c.flushing:
+            if c.dead and not c.pins and not c.flushing:
                 self.drop(c)

@@ -6,17 +6,26 @@ from dataclasses import dataclass, field
 import msgpack
 
 from hcache.daemon.slabs import SlotRef
-from hcache.layout.chunks import CHUNK_TOKENS, chunk_image_size
+from hcache.layout.chunks import CHUNK_TOKENS, chunk_image_size, chunk_range
 from hcache.layout.geometry import Geometry, Rep, rep_from_name
 from hcache.layout.wire import BAD_REQUEST, WireError
 
 
 @dataclass(eq=False, slots=True)
 class Chunk:
-    """One 64-token chunk of one stream: how much of it is committed, durable, resident, in use."""
+    """One 64-token chunk of one (layer, representation): how much of it is committed, durable, resident, in use,
+    and which contexts reference it. A full chunk of a sharing context is owned by its content key (`ckey`) and
+    may be referenced by every context of the same model and namespace whose tokens start the same way."""
 
-    stream: "Stream"
+    owner: "Context"  # the context that wrote it: a private chunk's header names it
+    layer: int
+    rep: Rep
     idx: int
+    token_bytes: int
+    image_size: int
+    refs: dict["Context", None] = field(default_factory=dict)  # contexts whose streams hold it (insertion order)
+    ckey: bytes | None = None  # its content key, once it is full and shared
+    name: bytes | None = None  # its row in the index, once durable
     n_tokens: int = 0  # committed (in the arena, or on disk)
     durable_tokens: int = 0  # of those, written, synced and indexed
     disk: SlotRef | None = None
@@ -31,21 +40,34 @@ class Chunk:
         return self.n_tokens > self.durable_tokens
 
     @property
+    def dead(self) -> bool:
+        """No context references it any more: it is neither flushed nor kept."""
+        return not self.refs
+
+    @property
     def evictable(self) -> bool:
         return not (self.dirty or self.pins or self.flushing or self.loading)
 
-    def made_durable(self, slot: SlotRef, n_tokens: int) -> None:
-        """The chunk's first n_tokens are durable in `slot` (a flush writes each new image to a fresh one)."""
-        ctx = self.stream.ctx
-        ctx.disk_bytes += slot.slot_size - (self.disk.slot_size if self.disk is not None else 0)
-        ctx.durable_bytes += (n_tokens - self.durable_tokens) * self.stream.token_bytes
+    @property
+    def header_key(self) -> bytes:
+        """The key its on-disk header carries: its content key when shared, else its owner's context key."""
+        return self.ckey if self.ckey is not None else self.owner.key
+
+    @property
+    def label(self) -> str:
+        return f"context {self.owner.ctx_id!r}, layer {self.layer}, chunk {self.idx}"
+
+    def made_durable(self, slot: SlotRef, n_tokens: int, name: bytes) -> None:
+        """The chunk's first n_tokens are durable in `slot`, indexed as `name` (a flush writes each new image to a
+        fresh slot)."""
         self.disk = slot
         self.durable_tokens = n_tokens
+        self.name = name
 
 
 @dataclass(eq=False, slots=True)
 class Stream:
-    """The chunks of one (layer, representation) of a context."""
+    """The chunks one context holds for one (layer, representation)."""
 
     ctx: "Context"
     layer: int
@@ -55,15 +77,32 @@ class Stream:
     chunks: list[Chunk] = field(default_factory=list)
 
     def chunk(self, idx: int) -> Chunk:
+        """The chunk at idx, a new private one of this context's where it holds none yet."""
         while len(self.chunks) <= idx:
-            self.chunks.append(Chunk(self, len(self.chunks)))
+            c = Chunk(self.ctx, self.layer, self.rep, len(self.chunks), self.token_bytes, self.image_size)
+            c.refs[self.ctx] = None
+            self.chunks.append(c)
         return self.chunks[idx]
 
+    def put(self, idx: int, chunk: Chunk) -> Chunk | None:
+        """Reference `chunk` at idx (the next position, or in place of the one there); returns the one replaced,
+        no longer referenced by this context."""
+        chunk.refs[self.ctx] = None
+        if idx == len(self.chunks):
+            self.chunks.append(chunk)
+            return None
+        old, self.chunks[idx] = self.chunks[idx], chunk
+        if old is not chunk:
+            old.refs.pop(self.ctx, None)
+            self.ctx.unlinked.pop(old, None)
+        return old
+
     def durable_prefix(self, pending: dict[Chunk, int]) -> int:
-        """Tokens durable from position 0 on, counting `pending` (chunk -> tokens) as already durable."""
+        """Tokens durable from position 0 on, counting `pending` (chunk -> tokens) as durable and linked; a chunk
+        this context references but whose reference is not in the index yet counts as not durable."""
         total = 0
         for c in self.chunks:
-            n = pending.get(c, c.durable_tokens)
+            n = pending[c] if c in pending else 0 if c in self.ctx.unlinked else c.durable_tokens
             total += n
             if n < CHUNK_TOKENS:
                 break
@@ -88,6 +127,13 @@ def parse_layers(spec: object, geometry: Geometry) -> dict[str, list[int]]:
     return layers
 
 
+@dataclass(slots=True)
+class Usage:
+    """Disk bytes of all contexts' durable chunks as if none were shared: what sharing is measured against."""
+
+    logical: int = 0
+
+
 @dataclass(eq=False)
 class Context:
     """A saved conversation: model, geometry, which layers keep what, and its streams."""
@@ -102,15 +148,45 @@ class Context:
     accessed: float
     pinned: bool = False
     n_tokens: int = 0  # committed
-    durable: int = 0
+    _durable: int = 0
+    share: bool = True  # its full chunks are owned by content: shared with, and found by, other contexts
     writer: object | None = None  # the open append lease, at most one
-    # Kept as chunks become durable, not summed over every chunk per request: the slots its chunks hold on disk,
-    # and its durable tokens' bytes.
-    disk_bytes: int = 0
-    durable_bytes: int = 0
     deleted: bool = False
+    keys: list[bytes] = field(default_factory=list)  # content keys of its full chunks, in order (sharing only)
+    unlinked: dict[Chunk, None] = field(default_factory=dict)  # referenced, the reference not yet in the index
+    usage: Usage | None = None  # the daemon's total, kept as durable lengths change
     streams: list[Stream] = field(default_factory=list)
     _by_id: dict[tuple[int, Rep], Stream] = field(default_factory=dict)
+    _row_bytes: int = 0  # a chunk row's images over all streams
+
+    @property
+    def durable(self) -> int:
+        return self._durable
+
+    @durable.setter
+    def durable(self, n: int) -> None:
+        if self.usage is not None:
+            self.usage.logical += (len(chunk_range(0, n)) - len(chunk_range(0, self._durable))) * self._row_bytes
+        self._durable = n
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes one token takes over all its streams."""
+        return sum(s.token_bytes for s in self.streams)
+
+    @property
+    def durable_bytes(self) -> int:
+        """The bytes of its durable tokens, whether shared or its own."""
+        return self.durable * self.token_bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        """The slots its durable chunks take, counting shared ones as if they were its own."""
+        return len(chunk_range(0, self.durable)) * self._row_bytes
+
+    @property
+    def tokens(self) -> Stream:
+        return self.streams[-1]
 
     @property
     def dirty(self) -> bool:
@@ -125,6 +201,7 @@ class Context:
             s = Stream(self, layer, rep, tb, chunk_image_size(tb))
             self.streams.append(s)
             self._by_id[(layer, rep)] = s
+            self._row_bytes += s.image_size
 
     def stream(self, layer: int, rep: int) -> Stream:
         try:
@@ -137,7 +214,8 @@ class Context:
         """What chunk headers and the index carry to describe this context."""
         return {"ns": self.namespace, "id": self.ctx_id, "model": self.model,
                 "geometry": self.geometry.to_dict(), "layers": self.layers,
-                "created": self.created}  # tells a re-created context's chunks from its deleted namesake's
+                "created": self.created,  # tells a re-created context's chunks from its deleted namesake's
+                "share": self.share}
 
     def packed_meta(self) -> bytes:
         return msgpack.packb(self.meta(), use_bin_type=True)
@@ -146,5 +224,5 @@ class Context:
         return {"namespace": self.namespace, "ctx": self.ctx_id, "model": self.model,
                 "geometry": self.geometry.to_dict(), "layers": self.layers, "n_tokens": self.n_tokens,
                 "durable_tokens": self.durable, "bytes": self.durable_bytes, "created": self.created,
-                "accessed": self.accessed, "pinned": self.pinned,
+                "accessed": self.accessed, "pinned": self.pinned, "share": self.share,
                 "streams": [[s.layer, int(s.rep)] for s in self.streams]}

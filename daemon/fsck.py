@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import msgpack
 
 from hcache.daemon.contexts import Chunk, Context, parse_layers
-from hcache.daemon.index import ChunkRow, ContextRow
+from hcache.daemon.index import ChunkRow, ContextRow, private_name
 from hcache.daemon.io_engine import IoEngine, IoOp
 from hcache.daemon.slabs import DataDir, SlotRef
 from hcache.layout.chunks import CHUNK_TOKENS, HEADER_SIZE, ChunkFormatError, ChunkHeader, verify_image
-from hcache.layout.geometry import Geometry
-from hcache.layout.keys import context_key
+from hcache.layout.geometry import Geometry, Rep
+from hcache.layout.keys import context_key, prefix_domain, prefix_keys, shared_chunk_name
 from hcache.layout.wire import BUSY, WireError
 
 if TYPE_CHECKING:
@@ -81,17 +81,20 @@ class Problem:
 
 
 async def verify(store: "Store", contexts: list[Context]) -> dict:
-    """Read every durable chunk of these contexts from disk and check header, placement, length and crc."""
-    todo = [(c, c.disk, c.durable_tokens) for ctx in contexts if not ctx.deleted for s in ctx.streams
-            for c in s.chunks if c.disk is not None]
-    buf = _Buffer(max((c.stream.image_size for c, _, _ in todo), default=0))
+    """Read every durable chunk of these contexts from disk (a shared one once) and check header, placement, length
+    and crc."""
+    seen: dict[Chunk, None] = {}
+    for ctx in contexts:
+        if not ctx.deleted:
+            seen.update((c, None) for s in ctx.streams for c in s.chunks if c.disk is not None)
+    todo = [(c, c.disk, c.durable_tokens) for c in seen]
+    buf = _Buffer(max((c.image_size for c, _, _ in todo), default=0))
     problems: list[Problem] = []
     checked = nbytes = 0
-    for batch in _batches(todo, lambda t: t[0].stream.image_size, buf.size):
-        images, errors = await _read(store.engine, store.dirs, buf, [(ref, c.stream.image_size)
-                                                                     for c, ref, _ in batch])
+    for batch in _batches(todo, lambda t: t[0].image_size, buf.size):
+        images, errors = await _read(store.engine, store.dirs, buf, [(ref, c.image_size) for c, ref, _ in batch])
         for (c, ref, expect), image, error in zip(batch, images, errors, strict=True):
-            if c.disk != ref or c.stream.ctx.deleted:
+            if c.disk != ref or c.dead:
                 continue  # rewritten or deleted while we read: its new copy was written after this fsck began
             checked += 1
             nbytes += ref.slot_size
@@ -99,18 +102,15 @@ async def verify(store: "Store", contexts: list[Context]) -> dict:
                 error = _check(c, image, expect)
                 store.dirs[ref.dir].errors += bool(error)
             if error:
-                s = c.stream
-                problems.append(Problem(s.ctx.namespace, s.ctx.ctx_id, s.layer, int(s.rep), c.idx,
+                problems.append(Problem(c.owner.namespace, c.owner.ctx_id, c.layer, int(c.rep), c.idx,
                                         str(store.dirs[ref.dir].path), error))
-                log.error("fsck: context %s/%s layer %d chunk %d in %s: %s", s.ctx.namespace, s.ctx.ctx_id,
-                          s.layer, c.idx, store.dirs[ref.dir].path, error)
+                log.error("fsck: %s in %s: %s", c.label, store.dirs[ref.dir].path, error)
     return {"checked": checked, "bytes": nbytes, "problems": [p.to_dict() for p in problems]}
 
 
 def _check(c: Chunk, image: memoryview, expect_tokens: int) -> str:
-    s = c.stream
     try:
-        header = verify_image(image, s.ctx.key, s.layer, c.idx, s.rep)
+        header = verify_image(image, c.header_key, c.layer, c.idx, c.rep)
     except ChunkFormatError as e:
         return str(e)
     if header.n_tokens < expect_tokens:
@@ -149,15 +149,16 @@ def _context_of(header: ChunkHeader) -> Context | None:
     try:
         geometry = Geometry.from_dict(m["geometry"])
         ctx = Context(header.ctx_key, m["ns"], m["id"], m["model"], geometry, parse_layers(m["layers"], geometry),
-                      float(m.get("created", 0.0)), 0.0)
+                      float(m.get("created", 0.0)), 0.0, share=bool(m.get("share", True)))
     except (KeyError, TypeError, ValueError, WireError):
         return None
     return ctx if context_key(ctx.namespace, ctx.ctx_id) == header.ctx_key else None
 
 
-async def _newest_valid(store: "Store", candidates: dict[tuple, list[_Found]]) -> dict[tuple, tuple[_Found, int]]:
-    """Per (context, layer, rep, chunk): the newest copy whose payload crc holds, with its size on disk."""
-    chosen: dict[tuple, tuple[_Found, int]] = {}
+async def _newest_valid(store: "Store", candidates: dict[tuple, list[_Found]]) -> dict[tuple, tuple[_Found, bytes]]:
+    """Per (header key, layer, rep, chunk): the newest copy whose payload crc holds, with its token ids (int32
+    little-endian) where it holds token records."""
+    chosen: dict[tuple, tuple[_Found, bytes]] = {}
     pending = {pos: sorted(cs, key=lambda f: f.header.seq, reverse=True) for pos, cs in candidates.items()}
     largest = max((f.slot.slot_size for cs in pending.values() for f in cs), default=0)
     buf = _Buffer(largest)
@@ -171,7 +172,8 @@ async def _newest_valid(store: "Store", candidates: dict[tuple, list[_Found]]) -
                     if image is None:
                         raise ChunkFormatError("unreadable")
                     verify_image(image, h.ctx_key, h.layer, h.chunk, h.rep)
-                    chosen[pos] = (f, f.slot.slot_size)
+                    records = image[HEADER_SIZE : HEADER_SIZE + h.payload_len] if h.rep is Rep.TOKENS else b""
+                    chosen[pos] = (f, memoryview(records).cast("i")[::2].tobytes() if records else b"")
                     del pending[pos]
                 except ChunkFormatError:
                     pending[pos].pop(0)  # torn or corrupt: an older copy may still be whole
@@ -191,34 +193,63 @@ async def _plan(store: "Store") -> tuple[list[ContextRow], list[ChunkRow]]:
     for f in found:
         h = f.header
         ctx = contexts.get(h.ctx_key)
-        if ctx is None or float(h.meta.get("created", 0.0)) != ctx.created:
+        if not h.meta.get("shared") and (ctx is None or float(h.meta.get("created", 0.0)) != ctx.created):
             continue
-        candidates[(h.ctx_key, h.layer, int(h.rep), h.chunk)].append(f)
+        candidates[(h.ctx_key, h.layer, int(h.rep), h.chunk)].append(f)  # a shared one's key is its content key
     chosen = await _newest_valid(store, candidates)
     ctx_rows, chunk_rows = [], []
     for key, ctx in contexts.items():
-        lengths = []
-        for s in ctx.streams:
-            total = idx = 0
-            while (hit := chosen.get((key, s.layer, int(s.rep), idx))) is not None:
-                total += hit[0].header.n_tokens
-                if hit[0].header.n_tokens < CHUNK_TOKENS:
-                    break
-                idx += 1
-            lengths.append(total)
-        n_tokens = min(lengths)
+        keys = _content_keys(ctx, chosen)
+        picks = [_stream_chunks(key, s.layer, int(s.rep), keys, chosen) for s in ctx.streams]
+        n_tokens = min(sum(f.header.n_tokens for f in fs) for fs in picks)
         if n_tokens == 0:
             continue
-        picked = [chosen[(key, s.layer, int(s.rep), i)][0] for s in ctx.streams
-                  for i in range((n_tokens + CHUNK_TOKENS - 1) // CHUNK_TOKENS)]
-        seqs = [f.header.seq for f in picked]
+        rows = (n_tokens + CHUNK_TOKENS - 1) // CHUNK_TOKENS
+        seqs = [f.header.seq for fs in picks for f in fs[:rows]]
         created = ctx.created or min(seqs) / 1e9
         ctx_rows.append(ContextRow(key, ctx.namespace, ctx.ctx_id, ctx.model,
                                    msgpack.packb(ctx.meta(), use_bin_type=True), n_tokens, created,
                                    max(seqs) / 1e9, False))
-        chunk_rows += [ChunkRow(key, f.header.layer, int(f.header.rep), f.header.chunk, f.slot, f.header.n_tokens,
-                                f.header.payload_crc, f.header.seq) for f in picked]
+        for fs in picks:
+            for f in fs[:rows]:
+                h = f.header
+                if h.ctx_key == key:
+                    name = private_name(key, h.layer, int(h.rep), h.chunk, h.seq)
+                    ckey = keys[h.chunk] if h.rep is Rep.TOKENS and h.chunk < len(keys) else None
+                else:
+                    name, ckey = shared_chunk_name(h.ctx_key, h.layer, int(h.rep)), h.ctx_key
+                chunk_rows.append(ChunkRow(key, h.layer, int(h.rep), h.chunk, f.slot, h.n_tokens, h.payload_crc,
+                                           h.seq, name, ckey))
     return ctx_rows, chunk_rows
+
+
+def _content_keys(ctx: Context, chosen: dict[tuple, tuple[_Found, bytes]]) -> list[bytes]:
+    """The content keys of a sharing context's full chunk rows, from the token ids in its own token chunks."""
+    if not ctx.share:
+        return []
+    ids = b""
+    t = ctx.tokens
+    while (hit := chosen.get((ctx.key, t.layer, int(t.rep), len(ids) // (4 * CHUNK_TOKENS)))) is not None:
+        if hit[0].header.n_tokens < CHUNK_TOKENS:
+            break
+        ids += hit[1]
+    return prefix_keys(prefix_domain(ctx.model, ctx.namespace), ids, 4 * CHUNK_TOKENS)
+
+
+def _stream_chunks(key: bytes, layer: int, rep: int, keys: list[bytes], chosen: dict[tuple, tuple[_Found, bytes]]
+                   ) -> list[_Found]:
+    """One stream's chunks from position 0 on, as far as they run on: a full row's shared chunk where there is
+    one, else the context's own copy (a tail, or a context that does not share)."""
+    out: list[_Found] = []
+    while True:
+        idx = len(out)
+        hit = chosen.get((keys[idx], layer, rep, idx)) if idx < len(keys) else None
+        hit = hit or chosen.get((key, layer, rep, idx))
+        if hit is None:
+            return out
+        out.append(hit[0])
+        if hit[0].header.n_tokens < CHUNK_TOKENS:
+            return out
 
 
 async def rebuild(store: "Store") -> dict:

@@ -1,7 +1,9 @@
 """The SQLite (WAL) index of contexts and chunks; every call runs on one dedicated thread, off the loop.
 
-Chunks are owned by key and referenced by contexts (context_chunks), so contexts that share a prefix
-can later reference the same chunks; a chunk's slot is freed when its last reference goes.
+Chunks are owned by name and referenced by contexts (context_chunks, counted in refs), so contexts that share a
+prefix reference the same chunks; a chunk's slot is freed when its last reference goes. A shared chunk's name
+derives from its content key (ckey); a private one's from its context, position and write sequence. A context's
+token chunks carry the content key of their row, so lookups work again after a restart.
 """
 
 import asyncio
@@ -26,7 +28,7 @@ CREATE TABLE IF NOT EXISTS contexts(
 CREATE TABLE IF NOT EXISTS chunks(
   key BLOB PRIMARY KEY, dir INTEGER NOT NULL, slot_size INTEGER NOT NULL, file INTEGER NOT NULL,
   slot INTEGER NOT NULL, n_tokens INTEGER NOT NULL, crc INTEGER NOT NULL, seq INTEGER NOT NULL,
-  refs INTEGER NOT NULL);
+  refs INTEGER NOT NULL, ckey BLOB);
 CREATE TABLE IF NOT EXISTS context_chunks(
   ctx BLOB NOT NULL, layer INTEGER NOT NULL, rep INTEGER NOT NULL, idx INTEGER NOT NULL,
   chunk BLOB NOT NULL, PRIMARY KEY(ctx, layer, rep, idx)) WITHOUT ROWID;
@@ -48,7 +50,7 @@ class ContextRow:
 
 @dataclass(frozen=True, slots=True)
 class ChunkRow:
-    """One durable chunk of a context's stream, as the index knows it."""
+    """One durable chunk a context references, as the index knows it."""
 
     ctx: bytes
     layer: int
@@ -58,12 +60,27 @@ class ChunkRow:
     n_tokens: int
     crc: int
     seq: int
+    name: bytes
+    ckey: bytes | None  # a shared chunk's content key; on a token chunk, its row's
 
 
-def chunk_key(row: ChunkRow) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A chunk image just written and synced, and the (ctx, layer, rep, idx) places that reference it."""
+
+    name: bytes
+    slot: SlotRef
+    n_tokens: int
+    crc: int
+    seq: int
+    ckey: bytes | None
+    places: list[tuple[bytes, int, int, int]]
+
+
+def private_name(ctx: bytes, layer: int, rep: int, idx: int, seq: int) -> bytes:
     h = hashlib.blake2b(digest_size=16, person=b"hcache-chunk")
-    h.update(row.ctx)
-    h.update(b"".join(v.to_bytes(8, "little") for v in (row.layer, row.rep, row.idx, row.seq)))
+    h.update(ctx)
+    h.update(b"".join(v.to_bytes(8, "little") for v in (layer, rep, idx, seq)))
     return h.digest()
 
 
@@ -80,6 +97,8 @@ class Index:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
+        if "ckey" not in {r[1] for r in db.execute("PRAGMA table_info(chunks)")}:  # an index from before sharing
+            db.execute("ALTER TABLE chunks ADD COLUMN ckey BLOB")
         return db
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -94,10 +113,10 @@ class Index:
         contexts = [ContextRow(*r[:8], bool(r[8])) for r in db.execute(
             "SELECT key, namespace, ctx_id, model, meta, n_tokens, created, accessed, pinned FROM contexts")]
         chunks = [
-            ChunkRow(r[0], r[1], r[2], r[3], SlotRef(r[4], r[5], r[6], r[7]), r[8], r[9], r[10])
+            ChunkRow(r[0], r[1], r[2], r[3], SlotRef(r[4], r[5], r[6], r[7]), r[8], r[9], r[10], r[11], r[12])
             for r in db.execute(
                 "SELECT cc.ctx, cc.layer, cc.rep, cc.idx, c.dir, c.slot_size, c.file, c.slot, c.n_tokens,"
-                " c.crc, c.seq FROM context_chunks cc JOIN chunks c ON c.key = cc.chunk")
+                " c.crc, c.seq, c.key, c.ckey FROM context_chunks cc JOIN chunks c ON c.key = cc.chunk")
         ]
         return contexts, chunks
 
@@ -109,24 +128,24 @@ class Index:
 
         await self._run(add)
 
-    async def commit_chunks(self, rows: list[ChunkRow], durable: dict[bytes, int]) -> list[SlotRef]:
-        """Point contexts at freshly written chunks in one transaction; returns the slots this frees."""
+    async def commit_chunks(self, written: list[Written], links: list[tuple[bytes, int, int, int, bytes]],
+                            durable: dict[bytes, int]) -> list[SlotRef]:
+        """In one transaction: freshly written chunks and the places that reference them, references of contexts to
+        chunks already durable (ctx, layer, rep, idx, name), and contexts' durable lengths; returns the slots this
+        frees (chunks whose last reference was replaced)."""
 
         def commit(db: sqlite3.Connection) -> list[SlotRef]:
             freed: list[SlotRef] = []
             db.execute("BEGIN IMMEDIATE")
             try:
-                for row in rows:
-                    key = chunk_key(row)
-                    s = row.slot
-                    db.execute("INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,1)",
-                               (key, s.dir, s.slot_size, s.file, s.slot, row.n_tokens, row.crc, row.seq))
-                    old = db.execute("SELECT chunk FROM context_chunks WHERE ctx=? AND layer=? AND rep=? AND idx=?",
-                                     (row.ctx, row.layer, row.rep, row.idx)).fetchone()
-                    db.execute("INSERT OR REPLACE INTO context_chunks VALUES (?,?,?,?,?)",
-                               (row.ctx, row.layer, row.rep, row.idx, key))
-                    if old is not None:
-                        freed += _unref(db, old[0])
+                for w in written:
+                    s = w.slot
+                    db.execute("INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,0,?)",
+                               (w.name, s.dir, s.slot_size, s.file, s.slot, w.n_tokens, w.crc, w.seq, w.ckey))
+                    for place in w.places:
+                        freed += _point(db, place, w.name)
+                for *place, name in links:
+                    freed += _point(db, tuple(place), name)
                 now = time.time()
                 for ctx, n in durable.items():
                     db.execute("UPDATE contexts SET n_tokens=?, accessed=? WHERE key=?", (n, now, ctx))
@@ -137,6 +156,22 @@ class Index:
             return freed
 
         return await self._run(commit)
+
+    async def truncate(self, ctx: bytes, first_idx: int, n_tokens: int) -> list[SlotRef]:
+        """A context keeps its chunk rows before first_idx and is n_tokens long; returns the slots this frees."""
+
+        def truncate(db: sqlite3.Connection) -> list[SlotRef]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                freed = _drop_from(db, ctx, first_idx)
+                db.execute("UPDATE contexts SET n_tokens=? WHERE key=?", (n_tokens, ctx))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return freed
+
+        return await self._run(truncate)
 
     async def delete_context(self, key: bytes) -> list[SlotRef]:
         """Forget a context; returns the slots of chunks no other context references."""
@@ -157,6 +192,20 @@ class Index:
 
         return await self._run(delete)
 
+    async def references(self) -> dict:
+        """Reference counts against the references: chunks counted but referenced less ("leaked", a slot never
+        freed) or referenced more than counted ("dangling", freed while a context still points at it)."""
+
+        def count(db: sqlite3.Connection) -> dict:
+            counted = dict(db.execute("SELECT key, refs FROM chunks").fetchall())
+            held = dict(db.execute("SELECT chunk, COUNT(*) FROM context_chunks GROUP BY chunk").fetchall())
+            return {"chunks_indexed": len(counted),
+                    "leaked": sum(1 for k, refs in counted.items() if held.get(k, 0) < refs or k not in held),
+                    "dangling": sum(1 for k, n in held.items() if n > counted.get(k, 0)),
+                    "shared": sum(1 for n in held.values() if n > 1)}
+
+        return await self._run(count)
+
     async def set_pinned(self, key: bytes, pinned: bool) -> None:
         await self._run(lambda db: db.execute("UPDATE contexts SET pinned=? WHERE key=?", (int(pinned), key)))
 
@@ -176,13 +225,17 @@ class Index:
                 db.executemany("INSERT INTO contexts VALUES (?,?,?,?,?,?,?,?,?)",
                                [(r.key, r.namespace, r.ctx_id, r.model, r.meta, r.n_tokens, r.created, r.accessed,
                                  int(r.pinned)) for r in contexts])
+                refs: dict[bytes, int] = {}
                 for row in chunks:
-                    key = chunk_key(row)
-                    s = row.slot
-                    db.execute("INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,1)",
-                               (key, s.dir, s.slot_size, s.file, s.slot, row.n_tokens, row.crc, row.seq))
+                    if row.name not in refs:
+                        s = row.slot
+                        db.execute("INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,0,?)",
+                                   (row.name, s.dir, s.slot_size, s.file, s.slot, row.n_tokens, row.crc, row.seq,
+                                    row.ckey))
+                    refs[row.name] = refs.get(row.name, 0) + 1
                     db.execute("INSERT INTO context_chunks VALUES (?,?,?,?,?)",
-                               (row.ctx, row.layer, row.rep, row.idx, key))
+                               (row.ctx, row.layer, row.rep, row.idx, row.name))
+                db.executemany("UPDATE chunks SET refs=? WHERE key=?", [(n, k) for k, n in refs.items()])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -195,11 +248,7 @@ class Index:
 
         def drop(db: sqlite3.Connection) -> list[SlotRef]:
             db.execute("BEGIN IMMEDIATE")
-            freed: list[SlotRef] = []
-            for (chunk,) in db.execute("SELECT chunk FROM context_chunks WHERE ctx=? AND idx>=?",
-                                       (ctx, first_idx)).fetchall():
-                freed += _unref(db, chunk)
-            db.execute("DELETE FROM context_chunks WHERE ctx=? AND idx>=?", (ctx, first_idx))
+            freed = _drop_from(db, ctx, first_idx)
             db.execute("COMMIT")
             return freed
 
@@ -208,6 +257,24 @@ class Index:
     def close(self) -> None:
         self._pool.submit(self._db.close).result()
         self._pool.shutdown()
+
+
+def _point(db: sqlite3.Connection, place: tuple[bytes, int, int, int], name: bytes) -> list[SlotRef]:
+    """Make a context's (layer, rep, idx) reference chunk `name`; returns the slot of a chunk this frees."""
+    old = db.execute("SELECT chunk FROM context_chunks WHERE ctx=? AND layer=? AND rep=? AND idx=?", place).fetchone()
+    if old is not None and old[0] == name:
+        return []
+    db.execute("INSERT OR REPLACE INTO context_chunks VALUES (?,?,?,?,?)", (*place, name))
+    db.execute("UPDATE chunks SET refs = refs + 1 WHERE key=?", (name,))
+    return _unref(db, old[0]) if old is not None else []
+
+
+def _drop_from(db: sqlite3.Connection, ctx: bytes, first_idx: int) -> list[SlotRef]:
+    freed: list[SlotRef] = []
+    for (chunk,) in db.execute("SELECT chunk FROM context_chunks WHERE ctx=? AND idx>=?", (ctx, first_idx)).fetchall():
+        freed += _unref(db, chunk)
+    db.execute("DELETE FROM context_chunks WHERE ctx=? AND idx>=?", (ctx, first_idx))
+    return freed
 
 
 def _unref(db: sqlite3.Connection, chunk: bytes) -> list[SlotRef]:

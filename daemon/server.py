@@ -142,7 +142,22 @@ class Server:
             raise WireError(BAD_REQUEST, f"bad geometry: {e}") from None
         layers = h["layers"] if "layers" in h else {"hidden": list(range(geometry.num_layers))}
         ctx = await self.store.open(get(h, "ns", str, "default"), get(h, "ctx", str), get(h, "model", str),
-                                    geometry, layers, get(h, "create", bool, True))
+                                    geometry, layers, get(h, "create", bool, True), get(h, "share", bool, True))
+        return ctx.info(), []
+
+    async def op_lookup(self, peer: bytes, h: dict, frames: list) -> Reply:
+        """How many leading tokens of a request hcached holds for a model: {"n_tokens", "ctx": a context holding
+        them, or None}."""
+        n, ctx = self.store.lookup(get(h, "ns", str, "default"), get(h, "model", str), get(h, "tokens", bytes))
+        return {"n_tokens": n, "ctx": ctx.ctx_id if ctx is not None else None}, []
+
+    async def op_fork(self, peer: bytes, h: dict, frames: list) -> Reply:
+        dst = await self.store.fork(self._ctx(h), get(h, "dst", str), get_count(h, "n"))
+        return dst.info(), []
+
+    async def op_truncate(self, peer: bytes, h: dict, frames: list) -> Reply:
+        ctx = self._ctx(h)
+        await self.store.truncate(ctx, get_count(h, "n"))
         return ctx.info(), []
 
     async def op_append(self, peer: bytes, h: dict, frames: list) -> Reply:
@@ -209,7 +224,7 @@ class Server:
         per_stream, offsets = len(chunk_range(lease.start, lease.end)), self.store.payload_offsets(lease)
         out = []
         for k in range(n_streams):
-            tb = lease.chunks[k * per_stream].stream.token_bytes if per_stream else 0
+            tb = lease.chunks[k * per_stream].token_bytes if per_stream else 0
             buf = bytearray((lease.end - lease.start) * tb)
             for off, at, n in payload_runs(offsets[k * per_stream : (k + 1) * per_stream], lease.start, lease.end, tb):
                 buf[at : at + n] = view[off : off + n]
@@ -261,10 +276,16 @@ class Server:
                 "reached": store.space.free() >= want}, []
 
     async def op_fsck(self, peer: bytes, h: dict, frames: list) -> Reply:
+        """Rebuild the index; or check one context's chunks; or the index's reference counts alone ("index":
+        True); or both for everything."""
         if get(h, "rebuild", bool, False):
             return await fsck.rebuild(self.store), []
-        contexts = [self._ctx(h)] if "ctx" in h else list(self.store.contexts.values())
-        return await fsck.verify(self.store, contexts), []
+        if get(h, "index", bool, False):
+            return await self.store.index.references(), []
+        if "ctx" in h:
+            return await fsck.verify(self.store, [self._ctx(h)]), []
+        result = await fsck.verify(self.store, list(self.store.contexts.values()))
+        return {**result, **await self.store.index.references()}, []
 
     async def op_stats(self, peer: bytes, h: dict, frames: list) -> Reply:
         return {"metrics": self.metrics.figures()}, []

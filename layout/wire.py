@@ -18,7 +18,7 @@ PROTOCOL_VERSION = 1
 
 OPS = frozenset(
     {"hello", "open", "append", "commit", "abort", "flush", "read", "release", "stat", "list", "delete",
-     "status", "pin", "evict", "fsck", "stats"}
+     "status", "pin", "evict", "fsck", "stats", "lookup", "fork", "truncate"}
 )
 
 # Error codes carried in replies; the client maps each to an HCacheError subclass.
