@@ -15,7 +15,7 @@ import torch
 from hcache.client.copies import as_array
 from hcache.client.errors import BadRequest, ContextChanged, DaemonRestarted
 from hcache.client.gpu import GpuCopier
-from hcache.client.layout import TORCH_DTYPES, ContextInfo, rep_of, stream_bytes
+from hcache.client.layout import TORCH_DTYPES, ContextInfo, PrefixMatch, rep_of, stream_bytes
 from hcache.client.shm import ArenaMap
 from hcache.client.transport import Transport
 from hcache.layout.chunks import CHUNK_TOKENS, chunk_image_size, chunk_range, payload_runs
@@ -118,12 +118,41 @@ class AsyncHCacheClient:
 
     # -- contexts ---------------------------------------------------------------------------------
     async def open(self, ctx: str, *, model: str, geometry: Geometry,
-                   layers: dict[str, Sequence[int]] | None = None, create: bool = True) -> ContextInfo:
+                   layers: dict[str, Sequence[int]] | None = None, create: bool = True,
+                   share: bool = True) -> ContextInfo:
         """Create (or open) a context saved by `model`; `layers` says which layers keep "hidden" and "kv"
-        (default: hidden for every layer). Opening with a different model or geometry is refused."""
+        (default: hidden for every layer). Opening with a different model or geometry is refused. A new context
+        with `share` (the default) shares its full chunks with every context of the model in this namespace whose
+        tokens start the same way (the first writer's bits are kept), and is found by lookup(); share=False keeps
+        its own bits, found by its id alone."""
         spec = {k: list(v) for k, v in (layers or {"hidden": range(geometry.num_layers)}).items()}
         reply, _ = await self._call("open", ns=self.namespace, ctx=ctx, model=model, geometry=geometry.to_dict(),
-                                    layers=spec, create=create)
+                                    layers=spec, create=create, share=share)
+        return self._remember(reply)
+
+    async def locate(self, model: str, token_ids: Sequence[int] | torch.Tensor) -> PrefixMatch:
+        """The longest leading run of `token_ids` (whole 64-token chunks) that hcached holds for `model` in this
+        namespace, over all contexts, and a context that holds it."""
+        ids = torch.as_tensor(token_ids).reshape(-1)
+        if ids.dtype.is_floating_point or (ids.numel() and (ids.min() < 0 or ids.max() >= 2**31)):
+            raise BadRequest("token_ids must be non-negative integers below 2**31")
+        tokens = ids.to(torch.int32).numpy().astype("<i4").tobytes()
+        reply, _ = await self._call("lookup", ns=self.namespace, model=model, tokens=tokens)
+        return PrefixMatch(reply["n_tokens"], reply["ctx"])
+
+    async def lookup(self, model: str, token_ids: Sequence[int] | torch.Tensor) -> int:
+        """How many leading tokens of `token_ids` hcached holds for `model` in this namespace (whole chunks)."""
+        return (await self.locate(model, token_ids)).n_tokens
+
+    async def fork(self, src: str, dst: str, n_tokens: int) -> ContextInfo:
+        """Make a new context `dst` of the first n_tokens of `src` without copying their chunks (a partial last
+        chunk is copied once); returns once `dst` is durable."""
+        reply, _ = await self._call("fork", ns=self.namespace, ctx=src, dst=dst, n=n_tokens)
+        return self._remember(reply)
+
+    async def truncate(self, ctx: str, n_tokens: int) -> ContextInfo:
+        """Keep the first n_tokens of `ctx` and drop the rest; returns once it is durable."""
+        reply, _ = await self._call("truncate", ns=self.namespace, ctx=ctx, n=n_tokens)
         return self._remember(reply)
 
     def _remember(self, reply: dict) -> ContextInfo:

@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from hcache.client.copies import cat_into
 from hcache.client.errors import BadRequest, ContextChanged, DaemonUnreachable, HCacheError, UnknownContext
-from hcache.client.layout import ContextInfo
+from hcache.client.layout import ContextInfo, Origin
 from hcache.client.staging import StagingPool
 from hcache.client.sync import HCacheClient
 from hcache.layout.geometry import Rep
@@ -124,25 +124,29 @@ class _Piece:
 @dataclass
 class _Overlap:
     """Tokens [start, end) a context already holds that the model processes again in the block (a conversation
-    prefilled anew rather than restored): checked against the stored ones, and not saved twice."""
+    prefilled anew rather than restored): checked against the stored ones, and not saved twice; where they differ,
+    the context is cut back to what they have in common."""
 
     start: int
     end: int
     stored: torch.Tensor | None = None  # those not met yet, once read
 
     def take(self, client: HCacheClient, ctx: str, ids: torch.Tensor) -> int:
-        """How many of `ids`, the next tokens of the context's row, are the context's own; ContextChanged at the
-        first that differs."""
+        """How many of `ids`, the next tokens of the context's row, are the context's own. At the first that differs
+        (an edited or regenerated turn) the context is truncated there: it keeps the common prefix, and the rest of
+        `ids` is appended after it."""
         if self.stored is None:
             self.stored = client.tokens(ctx, self.start, self.end)
         n = min(len(ids), len(self.stored))
         differs = (ids[:n] != self.stored[:n]).nonzero()
         if len(differs):
-            i = int(differs[0])
-            at = self.end - len(self.stored) + i
-            raise ContextChanged(f"the model was given token {int(ids[i])} at position {at} of context {ctx!r}, "
-                                 f"which holds token {int(self.stored[i])} there (an edited or regenerated turn?): "
-                                 f"capture the new conversation into a new context id, or delete {ctx!r} first")
+            n = int(differs[0])
+            at = self.end - len(self.stored) + n
+            log.info("context %s differs from the conversation at token %d of %d: truncated there", ctx, at,
+                     self.end)
+            client.truncate(ctx, at)
+            self.stored = self.stored[:0]
+            return n
         self.stored = self.stored[n:]
         return n
 
@@ -350,13 +354,14 @@ class _Capture:
     """Hooks on a model's decoder layers collecting each forward's layer inputs."""
 
     def __init__(self, model: torch.nn.Module, client: HCacheClient, ctxs: list[str], store: str,
-                 model_id: str | None) -> None:
+                 model_id: str | None, share: bool) -> None:
         from hcache.client.projection import Projector, fingerprint, geometry_of
 
         self.model = model
         self.client = client
         self.ctxs = ctxs
         self.store = store
+        self.share = share
         self.project = Projector(model)  # for K/V a sliding-window cache no longer holds
         self.layers = self.project.layers
         devices = sorted({str(d) for d in self.project.devices})
@@ -384,6 +389,7 @@ class _Capture:
         self._start: list[int] = []  # per row, the tokens the model's cache held when the segment began
         self._generating: torch.Tensor | None = None  # generate()'s rows not finished at the current pass
         self._held: _Held | None = None
+        self._origin: Origin | None = None  # where the segment's cache was restored from, if it was
         self._elsewhere = False  # the model ran in another thread during the block
 
     def __enter__(self) -> _Capture:
@@ -451,6 +457,7 @@ class _Capture:
         self._segment = cache is None or self._cache is None or self._cache() is not cache
         if self._segment:
             self._start = self._cached_tokens(ids, mask)
+            self._origin = getattr(cache, "hcache_origin", None)
             self._kept = torch.zeros_like(self._kept)
         self._ids = ids
         self._mask = mask
@@ -602,17 +609,29 @@ class _Capture:
         return [self.stored[ctx] for ctx in self.ctxs]
 
     def _open(self, ctx: str, row: int, t: int) -> _Stored:
-        """Open the context of batch row `row`, and meet it with the model's cache."""
+        """Open the context of batch row `row`, and meet it with the model's cache. A new context whose cache came
+        from restore() starts as a fork of what was restored: the restored chunks are referenced, not saved again."""
         cached = self._start[row]
         try:
             info = self.client.open(ctx, model=self.fingerprint, geometry=self.geometry,
-                                    layers=self._layers_to_store(t), create=cached == 0)
+                                    layers=self._layers_to_store(t), create=cached == 0, share=self.share)
         except UnknownContext:
-            raise ContextChanged(f"the model's cache held {cached} tokens of row {row}'s conversation when capture "
-                                 f"began, and hcached has no context {ctx!r} (evicted, or deleted?): the tokens before "
-                                 "the block cannot be saved; capture the conversation from an empty cache") from None
+            info = self._fork_origin(ctx, row)
         self._meet(ctx, row, info.n_tokens)
         return _Stored.of(info)
+
+    def _fork_origin(self, ctx: str, row: int) -> ContextInfo:
+        cached, origin = self._start[row], self._origin
+        if (origin is not None and len(self.ctxs) == 1 and origin.n_tokens == cached
+                and origin.namespace == self.client.namespace):
+            try:
+                return self.client.fork(origin.ctx, ctx, cached)
+            except UnknownContext:
+                pass  # the restored context is gone: nothing to reference
+        raise ContextChanged(f"the model's cache held {cached} tokens of row {row}'s conversation when capture began, "
+                             f"and hcached has no context {ctx!r} (evicted, or deleted?) nor the one the cache was "
+                             "restored from: the tokens before the block cannot be saved; capture the conversation "
+                             "from an empty cache") from None
 
     def _meet(self, ctx: str, row: int, n: int) -> None:
         """At a segment's start, the context of row `row` holds `n` tokens and the model's cache `self._start[row]`
@@ -643,11 +662,15 @@ class _Capture:
 
 @contextlib.contextmanager
 def capture(model: torch.nn.Module, client: HCacheClient, ctx: str | list[str], store: str = "plan",
-            model_id: str | None = None) -> Iterator[CaptureStats]:
+            model_id: str | None = None, share: bool = True) -> Iterator[CaptureStats]:
     """Save the input hidden states (and/or K/V) of every token `model` processes inside the block into
     context `ctx` (one id, or one per batch row), appending if it exists (from where the model's cache ends; tokens
-    the context holds already are checked, not saved again); the block's end waits until it is durable.
-    `store`: "plan" (what the planner keeps per layer), "hidden", "kv" or "both".
+    the context holds already are checked, not saved again; at the first that differs, an edited turn, the context
+    is cut back to the common prefix); the block's end waits until it is durable. A new context whose cache came
+    from restore() references the restored chunks and saves only the new tokens.
+    `store`: "plan" (what the planner keeps per layer), "hidden", "kv" or "both". `share`: a new context shares
+    its full chunks with others of the same model and namespace that start alike (the first writer's bits), and
+    lookup() finds it; share=False keeps its own bits.
     Yields the block's CaptureStats (what it has cost so far, on the forward passes' path and off it)."""
     if store not in STORE_CHOICES:
         raise BadRequest(f"store={store!r}: use one of {STORE_CHOICES}")
@@ -656,5 +679,5 @@ def capture(model: torch.nn.Module, client: HCacheClient, ctx: str | list[str], 
         twice = sorted({c for c in ctxs if ctxs.count(c) > 1})
         raise BadRequest(f"capture got context ids {twice} for more than one batch row: each row is a conversation "
                          "of its own, give each its own id")
-    with _Capture(model, client, ctxs, store, model_id) as c:
+    with _Capture(model, client, ctxs, store, model_id, share) as c:
         yield c.stats

@@ -45,6 +45,23 @@ class ContextInfo:
         return (g.hidden_size,) if rep is Rep.HIDDEN else (2, g.num_kv_heads, g.head_dim)
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    """How many leading tokens of a request hcached holds, and a context that holds them (None when none)."""
+
+    n_tokens: int
+    ctx: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a restored cache came from (set on it as `hcache_origin`): a capture into a new context forks that."""
+
+    namespace: str
+    ctx: str
+    n_tokens: int
+
+
 def stream_bytes(t: torch.Tensor, n_layers: int, n_tokens: int, token_bytes: int, what: str) -> torch.Tensor:
     """A tensor [layers, tokens, ...] as uint8 [layers, tokens, token_bytes], each layer's tokens contiguous (copied
     only where they are not), checking its size."""

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
 import threading
+from collections.abc import Sequence
 
 import torch
 
 from hcache.client.costs import READ_BYTES, Profile
-from hcache.client.errors import BadRequest, ModelMismatch
+from hcache.client.errors import BadRequest, ContextChanged, ModelMismatch
 from hcache.client.gil import responsive
-from hcache.client.layout import ContextInfo
+from hcache.client.layout import ContextInfo, Origin
 from hcache.client.sync import HCacheClient
 from hcache.layout.geometry import Rep
 
@@ -64,40 +66,74 @@ def _resident(info: ContextInfo) -> tuple[float, float]:
     return h / h_all if h_all else 0.0, kv / kv_all if kv_all else 0.0
 
 
-def restore(model: torch.nn.Module, client: HCacheClient, ctx: str, method: str = "auto",
-            model_id: str | None = None, profile: Profile | None = None,
-            exact: bool = False) -> tuple[object, torch.Tensor]:
+def restore(model: torch.nn.Module, client: HCacheClient, ctx: str | None = None, method: str = "auto",
+            model_id: str | None = None, profile: Profile | None = None, exact: bool = False, *,
+            tokens: Sequence[int] | torch.Tensor | None = None) -> tuple[object, torch.Tensor]:
     """A transformers cache holding context `ctx`, and its tokens as a LongTensor [1, n]; continue with
     model.generate(torch.cat([token_ids, new_ids], 1), cache=cache).
+
+    With `tokens=ids` instead of a context: the longest leading run of `ids` that hcached holds for this model in
+    the client's namespace (whole 64-token chunks, from any context), and that run of ids; run only the rest with
+    model.generate(ids, cache=cache). Nothing held: an empty cache and no tokens. A capture of the generation
+    that follows into a new context references the restored chunks and saves only the new tokens.
 
     Projection (H) and recompute (RE) run over all tokens in one pass, as a re-prefill does, so a restore never
     costs more than prefilling the context again: tokens the model did not see in one pass (decode steps, later
     rounds) come back equal up to rounding, as a re-prefill's would. `exact=True` redoes the model's own forward
     passes instead, so the cache is the model's to the bit; a context it decoded token by token then costs a
     projection or a forward per token and layer. K/V reads are exact either way; the planner costs what will run."""
+    from transformers import DynamicCache
+
     from hcache.client.projection import build_cache, fingerprint, geometry_of
 
     if method not in METHODS:
         raise BadRequest(f"method={method!r}: use one of {METHODS}")
-    info = client.stat(ctx, detail=method == "auto")  # where its chunks are: the planner's read costs
+    if (ctx is None) == (tokens is None):
+        raise BadRequest("restore needs a context id or tokens=, one of the two")
     want = fingerprint(model, model_id)
+    n = None
+    if tokens is not None:
+        ids = torch.as_tensor(tokens).reshape(-1)
+        match = client.locate(want, ids)
+        if match.ctx is None:
+            return DynamicCache(config=model.config), ids[:0][None]
+        ctx, n = match.ctx, match.n_tokens
+    info = client.stat(ctx, detail=method == "auto")  # where its chunks are: the planner's read costs
     if info.model != want or info.geometry != geometry_of(model):
         raise ModelMismatch(f"context {ctx!r} was saved by model {info.model} ({info.geometry}); this model is "
                             f"{want} ({geometry_of(model)}): restore with the model that saved it")
-    n = info.n_tokens
+    n = info.n_tokens if n is None else min(n, info.n_tokens)
     if n == 0:
         raise BadRequest(f"context {ctx!r} holds no tokens yet: there is nothing to restore")
     with responsive():  # the client's IO thread gets the GIL while this one launches kernels
-        kv, token_ids = _rebuild(model, client, ctx, info, method, profile, exact)
-    return build_cache(model, kv), token_ids[None]
+        kv, token_ids = _rebuild(model, client, ctx, info, n, method, profile, exact)
+    if tokens is not None and not torch.equal(token_ids, ids[:n].to(token_ids.dtype)):
+        raise ContextChanged(f"context {ctx!r}, found holding the first {n} tokens, holds others now (changed "
+                             "meanwhile): restore again")
+    cache = build_cache(model, kv)
+    cache.hcache_origin = Origin(client.namespace, ctx, n)
+    return cache, token_ids[None]
 
 
-def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: ContextInfo, method: str,
+def lookup(model: torch.nn.Module, client: HCacheClient, token_ids: Sequence[int] | torch.Tensor,
+           model_id: str | None = None) -> int:
+    """How many leading tokens of `token_ids` (LongTensor [n] or [1, n]) hcached holds for this model in the
+    client's namespace, over all contexts, in whole 64-token chunks: what restore(tokens=token_ids) gives back."""
+    from hcache.client.projection import fingerprint
+
+    ids = torch.as_tensor(token_ids)
+    if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+        raise BadRequest(f"token_ids must be [n] or [1, n], got {list(ids.shape)}: look up one request at a time")
+    return client.lookup(fingerprint(model, model_id), ids.reshape(-1))
+
+
+def _rebuild(model: torch.nn.Module, client: HCacheClient, ctx: str, info: ContextInfo, n: int, method: str,
              profile: Profile | None, exact: bool) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """Every layer's K, V [1, n_kv, n, head_dim] by the chosen methods, and the context's token ids [n]."""
+    """Every layer's K, V [1, n_kv, n, head_dim] for the context's first n tokens by the chosen methods, and their
+    token ids [n]."""
     from hcache.client.projection import Projector, recompute_prefix, rope_tables
 
-    n = info.n_tokens
+    info = dataclasses.replace(info, n_tokens=n)
     token_ids, passes = client.tokens_and_passes(ctx, n)  # passes: redo the model's arithmetic in its pieces
     if not exact:
         passes = [n]

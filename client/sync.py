@@ -13,7 +13,7 @@ import torch
 
 from hcache.client.aio import AsyncHCacheClient
 from hcache.client.errors import HCacheError
-from hcache.client.layout import ContextInfo
+from hcache.client.layout import ContextInfo, PrefixMatch
 from hcache.layout.geometry import Geometry
 
 T = TypeVar("T")
@@ -51,6 +51,10 @@ class HCacheClient:
         self._loop.close()
 
     @property
+    def namespace(self) -> str:
+        return self._aio.namespace
+
+    @property
     def daemon(self) -> dict:
         return self._aio.daemon
 
@@ -72,8 +76,23 @@ class HCacheClient:
         self.close()
 
     def open(self, ctx: str, *, model: str, geometry: Geometry, layers: dict[str, Sequence[int]] | None = None,
-             create: bool = True) -> ContextInfo:
-        return self._run(self._aio.open(ctx, model=model, geometry=geometry, layers=layers, create=create))
+             create: bool = True, share: bool = True) -> ContextInfo:
+        return self._run(self._aio.open(ctx, model=model, geometry=geometry, layers=layers, create=create,
+                                        share=share))
+
+    def lookup(self, model: str, token_ids: Sequence[int] | torch.Tensor) -> int:
+        """How many leading tokens of `token_ids` hcached holds for model fingerprint `model` (whole chunks)."""
+        return self._run(self._aio.lookup(model, token_ids))
+
+    def locate(self, model: str, token_ids: Sequence[int] | torch.Tensor) -> PrefixMatch:
+        """lookup(), and a context that holds those tokens."""
+        return self._run(self._aio.locate(model, token_ids))
+
+    def fork(self, src: str, dst: str, n_tokens: int) -> ContextInfo:
+        return self._run(self._aio.fork(src, dst, n_tokens))
+
+    def truncate(self, ctx: str, n_tokens: int) -> ContextInfo:
+        return self._run(self._aio.truncate(ctx, n_tokens))
 
     def append(self, ctx: str, token_ids: Sequence[int] | torch.Tensor, data: dict[str, torch.Tensor],
                passes: Sequence[int] | None = None) -> int:
