@@ -93,6 +93,11 @@ def percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:.0f}%" if whole else "-"
 
 
+def ratio(logical: int, used: int) -> str:
+    """The sharing ratio: '2.4x' when contexts hold 2.4 times the bytes stored; '-' when nothing is."""
+    return f"{logical / used:.1f}x" if used else "-"
+
+
 def ago(t: float, now: float | None = None) -> str:
     """'12s ago', '3m ago', '5h ago', '2d ago'."""
     return span((now or time.time()) - t) + " ago"

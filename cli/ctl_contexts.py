@@ -1,4 +1,4 @@
-"""hcachectl commands about contexts: ls, show, evict, pin, unpin, rm."""
+"""hcachectl commands about contexts: ls, show, evict, pin, unpin, rm, fork, truncate."""
 
 import time
 from datetime import datetime
@@ -70,15 +70,17 @@ def show(ctx: CtxArg, namespace: NamespaceOpt = "default", as_json: JsonOpt = Fa
         ["created", f"{_when(c['created'])} ({ago(c['created'], now)})"],
         ["accessed", f"{_when(c['accessed'])} ({ago(c['accessed'], now)})"],
         ["pinned", "yes" if c["pinned"] else "no"],
+        ["shares", "yes: its full chunks are shared with contexts that start with the same tokens" if c["share"]
+                   else "no: every chunk is its own"],
         ["expires", expires],
     ]
     typer.echo(table(lines))
     typer.echo()
-    rows = [["LAYER", "REP", "CHUNKS", "ON DISK", "IN ARENA", "DIRTY"]]
+    rows = [["LAYER", "REP", "CHUNKS", "SHARED", "ON DISK", "IN ARENA", "DIRTY"]]
     for s in c["placement"]:
-        rows.append([str(s["layer"]), s["rep"], str(s["chunks"]), str(s["on_disk"]), str(s["in_arena"]),
-                     str(s["dirty"])])
-    typer.echo(table(rows, right={0, 2, 3, 4, 5}))
+        rows.append([str(s["layer"]), s["rep"], str(s["chunks"]), str(s["shared"]), str(s["on_disk"]),
+                     str(s["in_arena"]), str(s["dirty"])])
+    typer.echo(table(rows, right={0, 2, 3, 4, 5, 6}))
     typer.echo()
     typer.echo(table([["DATA DIR", "BYTES"], *([d, size(n)] for d, n in c["disk_bytes"].items())], right={1}))
 
@@ -157,3 +159,29 @@ def rm(ctx: CtxArg, namespace: NamespaceOpt = "default", as_json: JsonOpt = Fals
         print_json({"removed": [namespace, ctx]})
     else:
         typer.echo(f"removed {namespace}/{ctx}")
+
+
+def fork(src: Annotated[str, typer.Argument(metavar="SRC", help="the context to fork")],
+         dst: Annotated[str, typer.Argument(metavar="DST", help="the new context's id (same namespace)")],
+         tokens: Annotated[int, typer.Option("--tokens", "-t", min=1, metavar="N",
+                                             help="how many leading tokens of SRC it holds")],
+         namespace: NamespaceOpt = "default", as_json: JsonOpt = False) -> None:
+    """A new context DST holding the first N tokens of SRC: their full chunks are shared, not copied."""
+    js = want_json(as_json)
+    c = call("fork", timeout=LONG_OP_S, dst=dst, n=tokens, **ctx_args(src, namespace))
+    if js:
+        print_json(c)
+    else:
+        typer.echo(f"forked {namespace}/{src} into {c['namespace']}/{c['ctx']}: {c['n_tokens']} tokens")
+
+
+def truncate(ctx: CtxArg, tokens: Annotated[int, typer.Option("--tokens", "-t", min=0, metavar="N",
+                                                               help="how many leading tokens it keeps")],
+             namespace: NamespaceOpt = "default", as_json: JsonOpt = False) -> None:
+    """Keep the first N tokens of a context; contexts sharing its chunks keep theirs."""
+    js = want_json(as_json)
+    c = call("truncate", timeout=LONG_OP_S, n=tokens, **ctx_args(ctx, namespace))
+    if js:
+        print_json(c)
+    else:
+        typer.echo(f"truncated {c['namespace']}/{c['ctx']} to {c['n_tokens']} tokens")

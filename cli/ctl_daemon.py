@@ -13,6 +13,7 @@ from hcache.cli.ctl_common import (
     percent,
     print_json,
     progress,
+    ratio,
     size,
     span,
     strip,
@@ -29,12 +30,22 @@ def _capacity_line(s: dict) -> str:
             f"watermarks high {s['high_watermark']:.0%} low {s['low_watermark']:.0%}; ttl {ttl}")
 
 
+def _sharing_ratio(s: dict) -> float | None:
+    """What the durable contexts would take on disk with nothing shared, over what is stored; None when nothing is."""
+    return round(s["logical"] / s["used"], 2) if s["used"] else None
+
+
+def _sharing_line(s: dict) -> str:
+    return (f"sharing    {ratio(s['logical'], s['used'])}: contexts hold {size(s['logical'])}, "
+            f"{size(s['used'])} stored (full chunks they share are stored once)")
+
+
 def status(as_json: JsonOpt = False) -> None:
-    """The daemon: IO engine, arena, data dirs and their usage, capacity, evictions."""
+    """The daemon: IO engine, arena, data dirs and their usage, capacity, sharing, evictions."""
     js = want_json(as_json)
     s = call("status")
     if js:
-        print_json(s)
+        print_json({**s, "sharing_ratio": _sharing_ratio(s)})
         return
     a = s["arena"]
     typer.echo(f"hcached {s['version']}  pid {s['pid']}  socket {s['socket']}" + (f"  tcp {s['tcp']}" if s["tcp"]
@@ -45,6 +56,7 @@ def status(as_json: JsonOpt = False) -> None:
                f"({size(a['dirty'])} not yet on disk)  {a['path']}")
     typer.echo(f"contexts   {s['contexts']} ({s['pinned']} pinned)   open leases {s['leases']}")
     typer.echo(_capacity_line(s))
+    typer.echo(_sharing_line(s))
     ev = s["evictions"]
     typer.echo(f"evictions  {sum(ev.values())} ({', '.join(f'{k} {v}' for k, v in ev.items())})")
     if s["maintenance"]:
@@ -64,13 +76,14 @@ def _state(d: dict) -> str:
 
 
 def df(as_json: JsonOpt = False) -> None:
-    """Disk usage per data dir and in total, against capacity."""
+    """Disk usage per data dir and in total, against capacity; what sharing saves."""
     js = want_json(as_json)
     s = call("status")
     dirs = s["data_dirs"]
     out = {"data_dirs": [{**d, "free": max(0, d["capacity"] - d["used"])} for d in dirs],
            "total": {"capacity": s["capacity"], "used": s["used"], "free": s["free"],
-                     "allocated": sum(d["allocated"] for d in dirs)},
+                     "allocated": sum(d["allocated"] for d in dirs), "logical": s["logical"],
+                     "sharing_ratio": _sharing_ratio(s)},
            "capacity_limit": s["capacity_limit"], "dir_capacity_limit": s["dir_capacity_limit"],
            "high_watermark": s["high_watermark"], "low_watermark": s["low_watermark"], "ttl": s["ttl"]}
     if js:
@@ -85,6 +98,7 @@ def df(as_json: JsonOpt = False) -> None:
                  percent(t["used"], t["capacity"]), str(sum(d["errors"] for d in dirs)), ""])
     typer.echo(table(rows, right={2, 3, 4, 5, 6, 7}))
     typer.echo(_capacity_line(s))
+    typer.echo(_sharing_line(s))
 
 
 def stats(as_json: JsonOpt = False) -> None:

@@ -1,4 +1,4 @@
-"""hcachectl fsck: verify every chunk on disk, or rebuild the index from the chunk headers."""
+"""hcachectl fsck: verify every chunk on disk and the index's reference counts, or rebuild the index from headers."""
 
 from typing import Annotated
 
@@ -18,11 +18,13 @@ from hcache.cli.ctl_common import (
 )
 from hcache.client.errors import UnknownContext
 
+_INDEX_CHECK = ("chunks_indexed", "shared", "leaked", "dangling")  # the index's reference counts against references
+
 
 def fsck(rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild the index from the chunk headers "
                                                                  "alone (after it was lost or damaged)")] = False,
          as_json: JsonOpt = False) -> None:
-    """Read every chunk back and check its header and crc; exit 1 when any is bad."""
+    """Read every chunk back and check its header and crc, and the index's reference counts; exit 1 on a problem."""
     js = want_json(as_json)
     if rebuild:
         with daemon() as client, progress("rebuilding the index from chunk headers") as bar:
@@ -49,8 +51,11 @@ def fsck(rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild the in
                 nbytes += r["bytes"]
                 problems += r["problems"]
                 bar.advance(task, c["bytes"])
+        r = client.call("fsck", timeout=LONG_OP_S, index=True)  # the index's reference counts, once
+        index = {k: r[k] for k in _INDEX_CHECK}
+    bad_refs = index["leaked"] + index["dangling"]
     if js:
-        print_json({"contexts": len(contexts), "checked": checked, "bytes": nbytes, "problems": problems})
+        print_json({"contexts": len(contexts), "checked": checked, "bytes": nbytes, "problems": problems, **index})
     else:
         typer.echo(f"checked {checked} chunks ({size(nbytes)}) of {len(contexts)} contexts: "
                    f"{len(problems) or 'no'} problems")
@@ -60,5 +65,11 @@ def fsck(rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild the in
                       p["problem"]] for p in problems]
             typer.echo(table(rows, right={2, 3, 4}))
             typer.echo("restoring these chunks fails; remove their contexts (hcachectl rm) or save them again")
-    if problems:
+        typer.echo(f"index: {index['chunks_indexed']} chunks ({index['shared']} shared by several contexts), "
+                   f"{index['leaked']} leaked, {index['dangling']} dangling")
+        if bad_refs:
+            typer.echo("the index's reference counts disagree with its contexts (a leaked chunk's space is never "
+                       "freed, a dangling one may be overwritten while a context still reads it): rebuild the "
+                       "index with hcachectl fsck --rebuild, then pin contexts again")
+    if problems or bad_refs:
         raise typer.Exit(EXIT_PROBLEM)

@@ -23,8 +23,8 @@ def _main(
 
 
 for command in (ctl_daemon.status, ctl_daemon.df, ctl_contexts.ls, ctl_contexts.show, ctl_contexts.evict,
-                ctl_contexts.pin, ctl_contexts.unpin, ctl_contexts.rm, ctl_daemon.flush, ctl_fsck.fsck,
-                ctl_daemon.stats, plan):
+                ctl_contexts.pin, ctl_contexts.unpin, ctl_contexts.rm, ctl_contexts.fork, ctl_contexts.truncate,
+                ctl_daemon.flush, ctl_fsck.fsck, ctl_daemon.stats, plan):
     app.command()(command)
 
 

@@ -58,6 +58,8 @@ class _StoreCollector:
         yield arena
         yield GaugeMetricFamily("hcache_capacity_bytes", "Disk bytes hcached may use over all data dirs",
                                 value=s.space.capacity())
+        yield GaugeMetricFamily("hcache_logical_bytes", "Disk bytes the durable contexts would take if they shared "
+                                "no chunks (over the data dirs' used bytes: the sharing ratio)", value=s.usage.logical)
         families = {name: GaugeMetricFamily(f"hcache_data_dir_{name}_bytes", f"Data dir {name} bytes",
                                             labels=["dir"]) for name in ("capacity", "allocated", "used")}
         healthy = GaugeMetricFamily("hcache_data_dir_healthy", "1 while the data dir is in rotation", labels=["dir"])

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ from typer.testing import CliRunner, Result
 
 from hcache.cli.hcachectl import app
 from hcache.client import HCacheClient
-from tests.e2e.data import MHA, Expected, geometry
+from hcache.daemon.process import DaemonProcess
+from tests.e2e.data import MHA, Expected, assert_restores, geometry
 
 
 def _ctl(*args: str) -> subprocess.CompletedProcess:
@@ -204,8 +206,108 @@ def test_status_shows_capacity_and_evictions(populated):
     assert js["capacity"] == 16 * MIB and js["evictions"] == {"capacity": 0, "ttl": 0, "manual": 0}
 
 
+# -- shared prefixes: "a" holds 130 tokens, "b" was forked from its first 128 (its 2 full chunk rows) ------------
+STREAMS = 3 + 2 + 1  # hidden layers 0-2, kv layers 0 and 2, the token ids
+
+
+@pytest.fixture
+def shared(daemon_factory, auto_engine) -> tuple[DaemonProcess, Expected]:
+    d = daemon_factory(n_dirs=2, engine=auto_engine)
+    exp = Expected(geometry(MHA, "float32"))
+    with HCacheClient(d.socket) as c:
+        c.open("a", model="tiny", geometry=exp.geometry, layers=exp.layers)
+        c.append("a", *exp.round(130, torch.Generator().manual_seed(0)))
+        c.flush()
+        c.fork("a", "b", 128)
+    return d, exp
+
+
+def test_status_and_df_show_the_sharing_ratio(shared):
+    d, _ = shared
+    human, s = _both(d.socket, "status")
+    assert s["logical"] > s["used"] > 0  # a's 3 chunk rows and b's 2, stored in fewer bytes
+    assert s["sharing_ratio"] == round(s["logical"] / s["used"], 2) > 1
+    shown = re.search(r"^sharing +(\d+\.\d)x: contexts hold ", human.stdout, re.M)
+    assert shown and float(shown[1]) == pytest.approx(s["sharing_ratio"], abs=0.05)
+    human, df = _both(d.socket, "df")
+    assert df["total"]["logical"] == s["logical"] and df["total"]["sharing_ratio"] == s["sharing_ratio"]
+    assert re.search(rf"^sharing +{shown[1]}x", human.stdout, re.M)
+    assert _run("--socket", d.socket, "rm", "b").exit_code == 0  # a's chunks stay; b's own token ids go
+    after = json.loads(_run("--socket", d.socket, "--json", "status").stdout)
+    assert after["logical"] * 5 == s["logical"] * 3 and after["used"] < s["used"]
+    assert _run("--socket", d.socket, "rm", "a").exit_code == 0
+    human, empty = _both(d.socket, "df")
+    assert empty["total"]["logical"] == 0 and empty["total"]["sharing_ratio"] is None
+    assert re.search(r"^sharing +-: ", human.stdout, re.M)
+
+
+def test_show_counts_the_shared_chunks_of_each_stream(shared):
+    d, _ = shared
+    human, js = _both(d.socket, "show", "b")
+    assert js["share"] is True and re.search(r"^shares +yes", human.stdout, re.M)
+    assert [(s["rep"], s["chunks"], s["shared"]) for s in js["placement"]] == [("hidden", 2, 2)] * 3 + [
+        ("kv", 2, 2)] * 2 + [("tokens", 2, 0)]  # the token ids are each context's own
+    lines = human.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["LAYER"])
+    assert lines[head].split() == ["LAYER", "REP", "CHUNKS", "SHARED", "ON", "DISK", "IN", "ARENA", "DIRTY"]
+    assert [line.split()[1:4] for line in lines[head + 1 : head + 1 + STREAMS]] == [["hidden", "2", "2"]] * 3 + [
+        ["kv", "2", "2"]] * 2 + [["tokens", "2", "0"]]
+    _, a = _both(d.socket, "show", "a")
+    assert [s["shared"] for s in a["placement"]] == [2] * 5 + [0]  # its third, partial chunk is its own
+
+
+def test_fsck_checks_the_index_reference_counts(shared):
+    d, _ = shared
+    human, js = _both(d.socket, "fsck")
+    assert "no problems" in human.stdout and "index: 20 chunks (10 shared by several contexts), 0 leaked, 0 " \
+                                                    "dangling" in human.stdout
+    assert js["problems"] == [] and (js["chunks_indexed"], js["shared"], js["leaked"], js["dangling"]) == (
+        3 * STREAMS + 2, 2 * (STREAMS - 1), 0, 0)  # a's chunks and b's 2 token id chunks; b shares the rest
+    with sqlite3.connect(d.state_dir / "index.sqlite") as db:  # count one more reference than there is
+        db.execute("UPDATE chunks SET refs = refs + 1 WHERE rowid = (SELECT MIN(rowid) FROM chunks)")
+    human = _run("--socket", d.socket, "fsck")
+    assert human.exit_code == 1 and "1 leaked, 0 dangling" in human.stdout and "fsck --rebuild" in human.stdout
+    js = _run("--socket", d.socket, "--json", "fsck")
+    assert js.exit_code == 1 and json.loads(js.stdout)["leaked"] == 1
+    assert _run("--socket", d.socket, "fsck", "--rebuild").exit_code == 0
+    human = _run("--socket", d.socket, "fsck")
+    assert human.exit_code == 0 and "0 leaked, 0 dangling" in human.stdout, human.output
+
+
+def test_fork_and_truncate(shared):
+    d, exp = shared
+    sock = d.socket
+    human = _run("--socket", sock, "fork", "a", "c", "--tokens", "100")
+    assert human.exit_code == 0 and human.stdout.strip() == "forked default/a into default/c: 100 tokens"
+    js = _run("--socket", sock, "--json", "fork", "b", "d", "-t", "64")
+    assert js.exit_code == 0
+    assert {k: json.loads(js.stdout)[k] for k in ("ctx", "n_tokens", "share")} == {"ctx": "d", "n_tokens": 64,
+                                                                                   "share": True}
+    human = _run("--socket", sock, "truncate", "a", "--tokens", "64")
+    assert human.exit_code == 0 and human.stdout.strip() == "truncated default/a to 64 tokens"
+    js = _run("--socket", sock, "--json", "truncate", "c", "-t", "0")
+    assert js.exit_code == 0 and json.loads(js.stdout)["n_tokens"] == 0
+    with HCacheClient(sock) as c:  # the contexts that shared a's chunks keep theirs
+        assert_restores(c, "b", exp, 128)
+        assert_restores(c, "d", exp, 64)
+        assert_restores(c, "a", exp, 64)
+    assert _run("--socket", sock, "fsck").exit_code == 0
+    for args, code, says in ((["fork", "a", "b", "-t", "10"], 1, "exists already"),
+                             (["fork", "a", "e", "-t", "65"], 1, "holds 64"),
+                             (["truncate", "a", "-t", "65"], 1, "holds 64"),
+                             (["fork", "nope", "e", "-t", "1"], 1, "no context 'nope'"),
+                             (["fork", "a", "e", "-t", "0"], 2, "--tokens"),
+                             (["fork", "a", "e"], 2, "--tokens"),
+                             (["truncate", "a", "-t", "-1"], 2, "--tokens")):
+        r = _run("--socket", sock, *args)
+        assert r.exit_code == code and says in r.stderr, (args, r.output)
+    r = _run("--socket", sock, "--json", "truncate", "a", "-t", "65")
+    assert r.exit_code == 1 and json.loads(r.stdout)["error"] == "bad_request"
+
+
 COMMANDS = [["status"], ["df"], ["ls"], ["show", "x"], ["evict", "x"], ["evict", "--until-free", "1GiB"],
-            ["pin", "x"], ["unpin", "x"], ["rm", "x"], ["flush"], ["fsck"], ["fsck", "--rebuild"], ["stats"]]
+            ["pin", "x"], ["unpin", "x"], ["rm", "x"], ["fork", "x", "y", "--tokens", "1"],
+            ["truncate", "x", "--tokens", "0"], ["flush"], ["fsck"], ["fsck", "--rebuild"], ["stats"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: "-".join(a))

@@ -26,7 +26,7 @@ def test_metrics_endpoint_serves_prometheus_text_whose_counters_move(daemon_fact
     with HCacheClient(d.socket) as c:
         address = c.status()["metrics"]
         before = _scrape(address)
-        assert before[("hcache_saved_bytes_total", ())] == 0
+        assert before[("hcache_saved_bytes_total", ())] == 0 == before[("hcache_logical_bytes", ())]
         assert before[("hcache_io_engine_info", (("engine", c.status()["engine"]),))] == 1
         dirs = [k for k in before if k[0] == "hcache_data_dir_used_bytes"]
         assert [dict(k[1])["dir"] for k in dirs] == [str(p) for p in d.data_dirs]
@@ -51,6 +51,15 @@ def test_metrics_endpoint_serves_prometheus_text_whose_counters_move(daemon_fact
     figures = {s["name"]: s["value"] for fam in json.loads(stats.stdout)["metrics"] for s in fam["samples"]
                if not s["labels"]}
     assert figures["hcache_saved_bytes_total"] == saved
+    # a fork shares the full chunks: logical bytes grow by its chunk row, the data dirs by its own token ids alone
+    with HCacheClient(d.socket) as c:
+        logical = c.status()["logical"]
+        assert after[("hcache_logical_bytes", ())] == logical > 0
+        c.fork("m", "m2", 64)
+        forked = _scrape(address)
+        assert forked[("hcache_logical_bytes", ())] == c.status()["logical"] == logical * 3 // 2  # 2 rows, then 3
+    grown = sum(forked[k] - after[k] for k in forked if k[0] == "hcache_data_dir_used_bytes")
+    assert 0 < grown < logical // 2
     # a restart starts from the disk: a restore is then counted as disk reads
     d.restart()
     with HCacheClient(d.socket) as c:
@@ -58,6 +67,7 @@ def test_metrics_endpoint_serves_prometheus_text_whose_counters_move(daemon_fact
         c.restore("m", "kv")
     again = _scrape(address)
     assert again[("hcache_chunk_reads_total", (("source", "disk"),))] == 2 * 2  # 2 kv layers x 2 chunks
+    assert again[("hcache_logical_bytes", ())] == forked[("hcache_logical_bytes", ())]  # counted again from the index
 
 
 def test_metrics_are_off_unless_asked_for(daemon_factory):
