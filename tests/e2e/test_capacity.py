@@ -178,3 +178,16 @@ def test_an_append_that_fits_only_without_the_pinned_contexts_is_refused_until_t
         c.append("big", ids, data)
         c.flush("big")
         assert "big" in _names(c)
+
+
+def test_capacity_pressure_never_frees_a_chunk_a_kept_context_references(daemon_factory):
+    d = daemon_factory(slab_size=SLABS, extra=["--capacity", "8MiB"], engine="threads")
+    with HCacheClient(d.socket) as c:
+        base = _save(c, "base", n=256, seed=100)  # the oldest: evicted first
+        c.fork("base", "kept", 256)  # shares all of base's layer chunks
+        _pin(d, "kept")
+        for i in range(12):  # far more than fits: base and the older of these go
+            _save(c, f"c{i}", seed=i)
+        names = _names(c)
+        assert "base" not in names and "kept" in names
+        assert_restores(c, "kept", base)
