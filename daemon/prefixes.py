@@ -21,7 +21,7 @@ class Prefixes:
 
     def lookup(self, model: str, namespace: str, token_ids: bytes) -> tuple[int, Context | None]:
         """How many leading tokens of `token_ids` (int32 little-endian) a context holds, in whole chunks, and the
-        most recently accessed such context."""
+        context that took them last (not a walk over them: a system prompt may be held by every context)."""
         found: dict[Context, None] | None = None
         n = 0
         for key in prefix_keys(prefix_domain(model, namespace), token_ids, CHUNK_TOKENS * TOKEN_ID_BYTES):
@@ -31,7 +31,7 @@ class Prefixes:
             found, n = holders, n + CHUNK_TOKENS
         if found is None:
             return 0, None
-        return n, max(found, key=lambda c: c.accessed)
+        return n, next(reversed(found))
 
     def next_key(self, ctx: Context, token_ids: bytes) -> bytes:
         """The content key of the context's next full chunk, whose ids these are."""

@@ -259,6 +259,8 @@ class Store:
         is held already reference the shared chunks instead of their own copies."""
         while (len(ctx.keys) + 1) * CHUNK_TOKENS <= ctx.n_tokens:
             t = ctx.tokens.chunks[len(ctx.keys)]
+            if t.arena_off is None:
+                return  # saved before hcached shared prefixes: its rows stay unkeyed, its chunks its own
             records = self.arena.view[t.arena_off + HEADER_SIZE : t.arena_off + HEADER_SIZE + CHUNK_TOKENS * 8]
             ids = records.cast("i")[::2].tobytes()  # a token record is (id, flags), int32 each
             replaced = self.prefixes.hold(ctx, self.prefixes.next_key(ctx, ids))
@@ -282,10 +284,10 @@ class Store:
                                          f"{len(token_ids)} bytes")
         return self.prefixes.lookup(model, namespace, token_ids)
 
-    async def fork(self, src: Context, dst_id: str, n: int) -> Context:
+    async def fork(self, src: Context, dst_id: str, n: int, share: bool = True) -> Context:
         """A new context `dst_id` holding the first n tokens of `src`: shared chunks are referenced; a partial last
-        chunk, the token ids (each context's own: they name it on disk) and every chunk of a context that does not
-        share are copied. Returns once it is durable."""
+        chunk, the token ids (each context's own: they name it on disk) and, where either context does not share,
+        every chunk are copied. Returns once it is durable."""
         if not 0 < n <= src.n_tokens:
             raise WireError(BAD_REQUEST, f"fork of {n} tokens: context {src.ctx_id!r} holds {src.n_tokens}; fork "
                                          f"1 to {src.n_tokens} tokens")
@@ -294,11 +296,11 @@ class Store:
             raise WireError(CONFLICT, f"context {dst_id!r} exists already: delete it first, or fork into a new id")
         self._check_serving()
         now = time.time()
-        dst = Context(key, src.namespace, dst_id, src.model, src.geometry, src.layers, now, now, share=src.share,
-                      usage=self.usage)
+        dst = Context(key, src.namespace, dst_id, src.model, src.geometry, src.layers, now, now,
+                      share=src.share and share, usage=self.usage)
         rows = len(chunk_range(0, n))
         shared = [(s, idx, c) for s in src.streams for idx, c in enumerate(s.chunks[:rows])
-                  if c.ckey is not None and (idx + 1) * CHUNK_TOKENS <= n]
+                  if dst.share and c.ckey is not None and (idx + 1) * CHUNK_TOKENS <= n]
         referenced = {(s.layer, s.rep, idx): c for s, idx, c in shared}
         copies = [(c, min(CHUNK_TOKENS, n - idx * CHUNK_TOKENS)) for s in src.streams
                   for idx, c in enumerate(s.chunks[:rows]) if (s.layer, s.rep, idx) not in referenced]

@@ -258,3 +258,20 @@ def test_rebuild_recovers_shared_chunks_and_every_reference(daemon_factory):
         fsck = c._run(c._aio._call("fsck"))[0]
         assert not fsck["problems"] and fsck["leaked"] == 0 and fsck["dangling"] == 0, fsck
         assert c.lookup("m", torch.cat(same.tokens)) == 192
+
+
+def test_share_false_on_a_restored_prefix_copies_it(daemon_factory):
+    model = _model(2)
+    d = daemon_factory(engine="threads")
+    ids = _ids(40, 200)
+    with HCacheClient(d.socket) as client:
+        with capture(model, client, "a", store="kv"), torch.no_grad():
+            model(ids, use_cache=True)
+        longer = torch.cat([ids, _ids(41, 100)], 1)
+        cache, held = restore(model, client, tokens=longer, method="kv")
+        with capture(model, client, "own", share=False), torch.no_grad():
+            own = _kv(model(longer[:, held.shape[1]:], cache=cache, use_cache=True).cache)
+        assert all(s["shared"] == 0 for s in client.stat("own", detail=True).raw["placement"])
+        assert lookup(model, client, longer) == 192  # a's chunks only: "own" is not found
+        cache, _ = restore(model, client, "own", method="kv")
+        _assert_same(cache, own, "own")
