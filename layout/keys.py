@@ -5,24 +5,23 @@ import hashlib
 KEY_BYTES = 16
 
 
-def context_key(namespace: str, context_id: str) -> bytes:
-    """The 16-byte key of a context; never Python's hash(), which differs per process."""
-    h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"hcache-ctx")
-    for part in (namespace, context_id):
+def _key_of(person: bytes, *parts: str) -> bytes:
+    h = hashlib.blake2b(digest_size=KEY_BYTES, person=person)
+    for part in parts:
         raw = part.encode("utf-8")
         h.update(len(raw).to_bytes(4, "little"))
         h.update(raw)
     return h.digest()
+
+
+def context_key(namespace: str, context_id: str) -> bytes:
+    """The 16-byte key of a context; never Python's hash(), which differs per process."""
+    return _key_of(b"hcache-ctx", namespace, context_id)
 
 
 def prefix_domain(model: str, namespace: str) -> bytes:
     """What content keys are computed within: one model in one namespace (sharing never crosses either)."""
-    h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"hcache-domain")
-    for part in (model, namespace):
-        raw = part.encode("utf-8")
-        h.update(len(raw).to_bytes(4, "little"))
-        h.update(raw)
-    return h.digest()
+    return _key_of(b"hcache-domain", model, namespace)
 
 
 def chunk_content_key(domain: bytes, previous: bytes | None, token_ids: bytes) -> bytes:

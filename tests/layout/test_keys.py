@@ -39,3 +39,18 @@ def test_context_key_separates_its_parts():
 def test_context_key_is_not_utf8_ambiguous():
     assert context_key("default", "é") != context_key("default", "e\u0301")  # NFC vs NFD: different ids
     assert context_key("default", "a\x00") != context_key("default", "a")
+
+
+def test_a_content_key_names_the_whole_prefix_within_one_domain():
+    from hcache.layout.keys import chunk_content_key, prefix_domain, prefix_keys
+
+    ids = bytes(range(256)) * 3  # 192 int32 ids' worth of bytes: three chunks of 64
+    d = prefix_domain("LlamaModel:abc", "default")
+    keys = prefix_keys(d, ids, 256)
+    assert len(keys) == 3 and len(set(keys)) == 3
+    assert keys[1] == chunk_content_key(d, keys[0], ids[256:512])
+    assert prefix_keys(d, ids[:600], 256) == keys[:2]  # a partial chunk has no key
+    other = prefix_keys(d, bytes(4) + ids[4:], 256)
+    assert other[0] != keys[0] and other[2] != keys[2]  # a different first token changes every later key
+    assert prefix_keys(prefix_domain("LlamaModel:abc", "tenant-b"), ids, 256)[0] != keys[0]
+    assert prefix_keys(prefix_domain("OtherModel:abc", "default"), ids, 256)[0] != keys[0]
