@@ -144,11 +144,12 @@ class AsyncHCacheClient:
         """How many leading tokens of `token_ids` hcached holds for `model` in this namespace (whole chunks)."""
         return (await self.locate(model, token_ids)).n_tokens
 
-    async def fork(self, src: str, dst: str, n_tokens: int, *, share: bool = True) -> ContextInfo:
+    async def fork(self, src: str, dst: str, n_tokens: int, *, share: bool = True, wait: bool = True
+                   ) -> ContextInfo:
         """Make a new context `dst` of the first n_tokens of `src` without copying their chunks (a partial last
         chunk is copied once); share=False, or a `src` that does not share, makes it a copy with its own bits.
-        Returns once `dst` is durable."""
-        reply, _ = await self._call("fork", ns=self.namespace, ctx=src, dst=dst, n=n_tokens, share=share)
+        Returns once `dst` is durable; wait=False returns at once (durable with the next flush of `dst`)."""
+        reply, _ = await self._call("fork", ns=self.namespace, ctx=src, dst=dst, n=n_tokens, share=share, wait=wait)
         return self._remember(reply)
 
     async def truncate(self, ctx: str, n_tokens: int) -> ContextInfo:

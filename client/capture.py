@@ -625,7 +625,8 @@ class _Capture:
         if (origin is not None and len(self.ctxs) == 1 and origin.n_tokens == cached
                 and origin.namespace == self.client.namespace):
             try:
-                return self.client.fork(origin.ctx, ctx, cached, share=self.share)
+                # not waited for here, on the forward pass's path: the block's end waits until all is durable
+                return self.client.fork(origin.ctx, ctx, cached, share=self.share, wait=False)
             except UnknownContext:
                 pass  # the restored context is gone: nothing to reference
         raise ContextChanged(f"the model's cache held {cached} tokens of row {row}'s conversation when capture began, "

@@ -88,8 +88,8 @@ class HCacheClient:
         """lookup(), and a context that holds those tokens."""
         return self._run(self._aio.locate(model, token_ids))
 
-    def fork(self, src: str, dst: str, n_tokens: int, *, share: bool = True) -> ContextInfo:
-        return self._run(self._aio.fork(src, dst, n_tokens, share=share))
+    def fork(self, src: str, dst: str, n_tokens: int, *, share: bool = True, wait: bool = True) -> ContextInfo:
+        return self._run(self._aio.fork(src, dst, n_tokens, share=share, wait=wait))
 
     def truncate(self, ctx: str, n_tokens: int) -> ContextInfo:
         return self._run(self._aio.truncate(ctx, n_tokens))

@@ -152,7 +152,8 @@ class Server:
         return {"n_tokens": n, "ctx": ctx.ctx_id if ctx is not None else None}, []
 
     async def op_fork(self, peer: bytes, h: dict, frames: list) -> Reply:
-        dst = await self.store.fork(self._ctx(h), get(h, "dst", str), get_count(h, "n"), get(h, "share", bool, True))
+        dst = await self.store.fork(self._ctx(h), get(h, "dst", str), get_count(h, "n"), get(h, "share", bool, True),
+                                    get(h, "wait", bool, True))
         return dst.info(), []
 
     async def op_truncate(self, peer: bytes, h: dict, frames: list) -> Reply:

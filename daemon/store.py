@@ -284,10 +284,10 @@ class Store:
                                          f"{len(token_ids)} bytes")
         return self.prefixes.lookup(model, namespace, token_ids)
 
-    async def fork(self, src: Context, dst_id: str, n: int, share: bool = True) -> Context:
+    async def fork(self, src: Context, dst_id: str, n: int, share: bool = True, wait: bool = True) -> Context:
         """A new context `dst_id` holding the first n tokens of `src`: shared chunks are referenced; a partial last
         chunk, the token ids (each context's own: they name it on disk) and, where either context does not share,
-        every chunk are copied. Returns once it is durable."""
+        every chunk are copied. Returns once it is durable (with `wait`; else at once, durable with its next flush)."""
         if not 0 < n <= src.n_tokens:
             raise WireError(BAD_REQUEST, f"fork of {n} tokens: context {src.ctx_id!r} holds {src.n_tokens}; fork "
                                          f"1 to {src.n_tokens} tokens")
@@ -325,7 +325,10 @@ class Store:
                 self.prefixes.register(dst, idx, k)
         self.contexts[key] = dst
         self.touch(dst)
-        await self.flush([dst])
+        if wait:
+            await self.flush([dst])
+        else:
+            self.flusher.add_all_dirty([dst])
         return dst
 
     async def _copies(self, ctx: Context, sources: list[tuple[Chunk, int]]) -> list[Chunk]:
