@@ -64,8 +64,9 @@ def test_shared_prefixes_survive_sigkill_at_random(daemon_factory):
                         acked.pop(victim, None)  # gone or not, it is no longer expected
                         c.delete(victim)
                         continue
-                    if way == "truncate" and len(acked) > 1:
-                        victim = rng.choice([k for k in acked if k != "base"])
+                    longer = [k for k, e in acked.items() if k != "base" and e.n_tokens > 1]
+                    if way == "truncate" and longer:
+                        victim = rng.choice(longer)
                         exp = acked.pop(victim)
                         n = rng.randrange(1, exp.n_tokens)
                         c.truncate(victim, n)
