@@ -18,7 +18,7 @@ from typing import Any
 
 import sharegpt
 import torch
-from report import git_info, log, run_and_save, subplots
+from report import Clock, git_info, log, quantile, run_and_save, subplots
 from restore import DRAM, Hcached, device_info, device_slug, synchronizer
 
 from hcache.client import AsyncHCacheClient, HCacheClient
@@ -71,11 +71,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def quantile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
 def spread(seconds: list[float]) -> dict:
     return {"p50": statistics.median(seconds), "p90": quantile(seconds, 0.9), "p99": quantile(seconds, 0.99),
             "max": max(seconds), "n": len(seconds)}
@@ -122,19 +117,6 @@ def prompts(tokenizer: Any, args: argparse.Namespace) -> tuple[list[int], list[l
             "question_tokens_p50": statistics.median(map(len, questions)), "turn_tokens_p50":
             statistics.median(map(len, turns))}
     return system[: args.prefix_tokens], turns, info
-
-
-class Clock:
-    """A generate() streamer noting when tokens come out: the prompt when generation starts, then each new one."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def generate(model: torch.nn.Module, ids: torch.Tensor, cache: object, n: int, clock: Clock | None = None

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,21 @@ def run_and_save(directory: Path, prefix: str, measure: Callable[[Path], dict], 
     plt.close(fig)
     log(f"wrote {RESULTS / name}.json and .png")
     return result
+
+
+def quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+class Clock:
+    """A generate() streamer noting when tokens come out: the prompt when generation starts, then each new one."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: object) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass

@@ -23,7 +23,7 @@ from typing import Any
 
 import sharegpt
 import torch
-from report import git_info, log, run_and_save, subplots
+from report import Clock, git_info, log, quantile, run_and_save, subplots
 from restore import (
     DRAM,
     GEOMETRIES,
@@ -131,19 +131,6 @@ def load_model(name: str, layers: int, device: torch.device, seed: int) -> tuple
         return model, Chat(model, tokenizer)
     model = build_model(name, layers, torch.bfloat16, device, seed)
     return model, Chat(model, None)
-
-
-class Clock:
-    """A generate() streamer noting when tokens come out: the prompt when generation starts, then each new one."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def generate(model: torch.nn.Module, ids: torch.Tensor, cache: object, n: int, clock: Clock
@@ -374,11 +361,6 @@ def tbt(engine: Engine, hc: Hcached, prompt: list[int], decoding: set[int]) -> d
 
 
 # -- the report -----------------------------------------------------------------------------------
-def quantile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
 def stored_bytes_per_token(client: HCacheClient, user: User) -> dict[str, float]:
     """Bytes each hcache method's context stores per token (the payload its layers keep)."""
     out = {}
