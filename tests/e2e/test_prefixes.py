@@ -35,6 +35,12 @@ def _assert_same(cache: object, own: list[tuple[torch.Tensor, torch.Tensor]], wh
         assert torch.equal(cache.layers[i].values, v), (what, i)
 
 
+def _assert_close(cache: object, own: list[tuple[torch.Tensor, torch.Tensor]], what: object) -> None:
+    for i, (k, v) in enumerate(own):
+        assert torch.allclose(cache.layers[i].keys, k, atol=1e-5), (what, i)
+        assert torch.allclose(cache.layers[i].values, v, atol=1e-5), (what, i)
+
+
 def _extend(model: torch.nn.Module, client: HCacheClient, ctx: str, ids: torch.Tensor
             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """What an engine does with a new request: restore the longest stored prefix, run the rest under capture of a
@@ -124,9 +130,7 @@ def test_fork_and_truncate(daemon_factory):
                 if method in ("kv", "hidden"):
                     _assert_same(cache, kv, (ctx, method))
                 else:  # recomputing part of a pass attends over fewer tokens than it did: equal up to rounding
-                    for i, (k, v) in enumerate(kv):
-                        assert torch.allclose(cache.layers[i].keys, k, atol=1e-5), (ctx, method, i)
-                        assert torch.allclose(cache.layers[i].values, v, atol=1e-5), (ctx, method, i)
+                    _assert_close(cache, kv, (ctx, method))
         placement = client.stat("whole", detail=True).raw["placement"]
         # of its 4 full chunks, half references 2 and src (cut to 100 tokens) 1; the other 2 are whole's alone now
         assert all(s["shared"] == 2 for s in placement if s["rep"] != "tokens")
@@ -157,9 +161,8 @@ def test_an_edited_turn_keeps_the_common_prefix(daemon_factory):
         cache, got = restore(model, client, "chat", method="kv")
         assert torch.equal(got, edited)
         # the 130 tokens in common keep the first prefill's bits: equal to the second's up to rounding
-        for i, (k, v) in enumerate(own):
-            assert torch.allclose(cache.layers[i].keys, k, atol=1e-5), i
-            assert torch.allclose(cache.layers[i].values, v, atol=1e-5), i
+        _assert_close(cache, own, "edited")
+        for i, (k, _) in enumerate(own):
             assert torch.equal(cache.layers[i].keys[:, :, 130:], k[:, :, 130:]), i  # the edit is saved as computed
 
 
